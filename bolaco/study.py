@@ -1,0 +1,90 @@
+"""The study file (YAML): model, data roles, collect settings, budget, decomposition, storage.
+
+A study file is data: it is parsed with yaml.safe_load and checked key by key, never executed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from .data import ROLES, RoleSpec
+from .errors import BolacoError
+
+METHODS = ("feature", "feature-uncentred", "weight")
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    model: str = "default"
+    seq_len: int = 256
+    data: dict[str, RoleSpec] = field(default_factory=dict)
+    data_dir: str | None = None
+    partitions: int = 1
+    batch_size: int = 8
+    remove: float = 0.2              # fraction of the decomposable parameters removed
+    method: str = "feature"
+    rank_multiple: int = 8
+    storage: str = "sqlite:///storage/studies.db"
+    cache_dir: str = "storage/cache"
+    path: str | None = None
+
+    def with_overrides(self, **kw) -> "Study":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _section(raw: dict, name: str, allowed: set[str], where: str) -> dict:
+    sec = raw.get(name) or {}
+    if not isinstance(sec, dict):
+        raise BolacoError(f"{where}: '{name}' must be a mapping")
+    unknown = set(sec) - allowed
+    if unknown:
+        raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} in '{name}' (allowed: {sorted(allowed)})")
+    return sec
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise BolacoError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BolacoError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(raw, dict):
+        raise BolacoError(f"study file {path} must be a YAML mapping")
+    where = f"study file {path}"
+    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir"}
+    unknown = set(raw) - top
+    if unknown:
+        raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
+    data = _section(raw, "data", set(ROLES) | {"dir"}, where)
+    roles = {}
+    for role in ROLES:
+        if role in data:
+            spec = data[role]
+            if not isinstance(spec, dict) or "corpus" not in spec or set(spec) - {"corpus", "start", "sequences"}:
+                raise BolacoError(f"{where}: data.{role} needs 'corpus' and optional 'start', 'sequences'")
+            roles[role] = RoleSpec(str(spec["corpus"]), int(spec.get("start", 0)),
+                                   None if spec.get("sequences") in (None, "all") else int(spec["sequences"]))
+    collect = _section(raw, "collect", {"partitions", "batch_size"}, where)
+    budget = _section(raw, "budget", {"remove"}, where)
+    decompose = _section(raw, "decompose", {"method", "rank_multiple"}, where)
+    try:
+        study = Study(name=str(raw.get("name") or path.stem), model=str(raw.get("model", "default")),
+                      seq_len=int(raw.get("seq_len", 256)), data=roles, data_dir=data.get("dir"),
+                      partitions=int(collect.get("partitions", 1)), batch_size=int(collect.get("batch_size", 8)),
+                      remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
+                      rank_multiple=int(decompose.get("rank_multiple", 8)),
+                      storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
+                      path=str(path))
+    except (TypeError, ValueError) as exc:
+        raise BolacoError(f"{where}: {exc}")
+    if study.method not in METHODS:
+        raise BolacoError(f"{where}: unknown method '{study.method}' (choose from {', '.join(METHODS)})")
+    if study.seq_len < 2 or study.partitions < 1 or study.batch_size < 1 or study.rank_multiple < 1:
+        raise BolacoError(f"{where}: seq_len >= 2, partitions, batch_size and rank_multiple >= 1 are required")
+    return study

@@ -1,0 +1,45 @@
+"""Tiny randomly initialised LLaMA-, Mistral- and Qwen2-shaped models and a byte-level tokenizer, built in code."""
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
+
+from bolaco.data import read_text
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
+    common = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    return Qwen2Config(**common)  # q/k/v carry biases
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 300, layers: int = 3):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, layers), dtype=torch.float32)
+    with torch.no_grad():  # non-zero biases so that bias handling is really exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([read_text("wikitext2-valid")[:200_000]], vocab_size=300, min_frequency=2,
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token=None)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
