@@ -68,8 +68,11 @@ class Adapter:
                 except AttributeError:
                     raise BolacoError(f"unsupported architecture '{model_type}': no module {path} "
                                       f"(fused projections are not supported); bolaco supports the {SUPPORTED}")
+                bias = getattr(mod, "dense_bias", None)   # set on layers bolaco made low-rank
+                if bias is None:
+                    bias = mod.bias is not None
                 self.linears[linear_id(b, t)] = LinearInfo(
-                    linear_id(b, t), b, t, path, mod.in_features, mod.out_features, mod.bias is not None)
+                    linear_id(b, t), b, t, path, mod.in_features, mod.out_features, bias)
 
     @property
     def n_blocks(self) -> int:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CacheError
@@ -105,6 +106,13 @@ class BlockStore:
         self._verified.add(block)
 
     def read(self, block: int) -> dict[str, torch.Tensor]:
+        return load_file(self._verified_path(block))
+
+    def open(self, block: int):
+        """A lazy (memory-mapped) reader of one block file, for reading slices of large tensors."""
+        return safe_open(self._verified_path(block), framework="pt")
+
+    def _verified_path(self, block: int) -> Path:
         path = self.block_path(block)
         expected = self._index().get(str(block))
         if expected is None:
@@ -114,4 +122,4 @@ class BlockStore:
                 raise CacheError(f"{self.what} cache file {path} is corrupt or truncated: delete it "
                                  "(or the whole folder) and run again to recompute it")
             self._verified.add(block)
-        return load_file(path)
+        return path

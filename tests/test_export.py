@@ -1,0 +1,43 @@
+import json
+
+import torch
+
+import bolaco
+from bolaco.arch import Adapter
+from bolaco.collect import collect
+from bolaco.decompose import Compressor, LowRankLinear, build_bases, make_budget
+from bolaco.export import count_params, export
+from conftest import tiny_model
+
+
+def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, tokenizer):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    dense_params = count_params(model)
+    dense_dir = tmp_path / "dense"
+    model.save_pretrained(dense_dir)
+    calibration = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
+    adapter = Adapter(model)
+    cov = collect(model, calibration, tmp_path / "cache", progress=False)
+    comp = Compressor(adapter, build_bases(adapter, cov, "feature", progress=False),
+                      make_budget(adapter, "feature", multiple=4))
+    ranks = comp.budget.uniform(0.3)
+    comp.apply(ranks)
+    out = export(model, tokenizer, ranks, tmp_path / "out", {"method": "feature", "remove": 0.3})
+
+    loaded, tok = bolaco.load(out)
+    text = "the quick brown fox jumps over the lazy dog"
+    assert tok(text).input_ids == tokenizer(text).input_ids
+    assert json.loads((out / "bolaco.json").read_text())["ranks"] == ranks
+    assert all(isinstance(Adapter(loaded).module(l), LowRankLinear) for l in ranks)
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert count_params(loaded) == count_params(model) < dense_params
+    assert count_params(model) == dense_params - comp.budget.decomposable + comp.budget.params(ranks)
+    saved = (out / "model.safetensors").stat().st_size
+    dense_file = (dense_dir / "model.safetensors").stat().st_size
+    # float32 weights: the file holds 4 bytes per parameter plus a small header
+    assert 4 * count_params(loaded) <= saved < 4 * count_params(loaded) + 40_000
+    assert saved < dense_file
+    generated = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
