@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,6 +26,69 @@ def cmd_collect(args) -> None:
     t = time.perf_counter()
     cache = ws.covariances()
     print(f"covariance cache complete: {cache.store.root} ({time.perf_counter() - t:.0f} s)")
+
+
+def cmd_compress(args) -> None:
+    from .workspace import Workspace
+    if not args.uniform:
+        raise BolacoError("compress needs an allocation: --uniform (the searched allocations come from `bolaco search`)")
+    study = _study(args).with_overrides(method=args.method, remove=args.remove)
+    ws = Workspace.open(study)
+    comp = ws.compressor()
+    ranks = comp.budget.uniform(study.remove)
+    ws.export(comp, ranks, args.out or f"out/{study.name}-uniform", {"allocation": "uniform"})
+
+
+def cmd_export(args) -> None:
+    from .search import best_ranks, study_name
+    from .workspace import Workspace
+    study = _study(args).with_overrides(storage=args.storage)
+    if args.ranks:
+        try:
+            ranks = {str(k): int(v) for k, v in json.loads(open(args.ranks).read()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise BolacoError(f"cannot read rank map {args.ranks}: {exc}")
+        extra = {"allocation": f"rank map {args.ranks}"}
+    else:   # the best trial so far; workers may still be running
+        ranks, best = best_ranks(study)
+        extra = {"allocation": f"best trial {best.number} of study {study_name(study)}",
+                 "search_ppl_at_search_time": best.value}
+    ws = Workspace.open(study)
+    comp = ws.compressor()
+    ws.export(comp, ranks, args.out or f"out/{study.name}", extra)
+
+
+def _search(args, create: bool) -> None:
+    from . import search
+    from .workspace import Workspace
+    study = _study(args).with_overrides(storage=args.storage)
+    if args.sampler:
+        study = study.with_overrides(search=dataclasses.replace(study.search, sampler=args.sampler))
+    search.open_storage(study.storage)   # fail fast on a bad URL, before loading the model
+    ws = Workspace.open(study, device=args.device)
+    opt = search.run(ws, ws.compressor(), create=create, trials=args.trials)
+    done = [t for t in opt.trials if t.value is not None]
+    if done:
+        best = opt.best_trial
+        print(f"best trial {best.number}: search ppl {best.value:.3f}, "
+              f"removed {best.user_attrs['compression']:.2%} of the decomposable parameters")
+
+
+def cmd_search(args) -> None:
+    _search(args, create=True)
+
+
+def cmd_worker(args) -> None:
+    _search(args, create=False)
+
+
+def cmd_dashboard(args) -> None:
+    import subprocess
+    study = _study(args).with_overrides(storage=args.storage)
+    cmd = [sys.executable, "-m", "optuna_dashboard", study.storage, "--host", args.host, "--port", str(args.port),
+           "--artifact-dir", args.artifact_dir]
+    print("running", " ".join(cmd))
+    raise SystemExit(subprocess.call(cmd))
 
 
 def cmd_eval(args) -> None:
@@ -59,6 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     study_command("collect", "collect pooled covariances of every decomposable linear (cached, resumable)",
                   cmd_collect)
+
+    c = study_command("compress", "compress with a uniform allocation at the study's budget and export it",
+                      cmd_compress)
+    c.add_argument("--uniform", action="store_true", help="the same keep ratio for every linear")
+    c.add_argument("--method", help="override the study's method (feature, feature-uncentred, weight)")
+    c.add_argument("--remove", type=float, help="override the budget: fraction of decomposable parameters removed")
+    c.add_argument("--out", help="output folder (default out/<study>-uniform)")
+
+    x = study_command("export", "write the compressed model of the study's best trial (or of a rank map)",
+                      cmd_export)
+    x.add_argument("--ranks", help="JSON file with a rank map {\"block.type\": rank} instead of the best trial")
+    x.add_argument("--storage", help="override the study storage URL")
+    x.add_argument("--out", help="output folder (default out/<study>)")
+
+    for name, func, help_ in (("search", cmd_search, "create or resume the BO study and run its trials"),
+                              ("worker", cmd_worker, "join an existing study (any machine) and run trials")):
+        w = study_command(name, help_, func)
+        w.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...)")
+        w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
+        w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
+        w.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+
+    d = study_command("dashboard", "optuna-dashboard on the study storage", cmd_dashboard)
+    d.add_argument("--storage", help="override the study storage URL")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--artifact-dir", default="storage/artifacts")
 
     e = sub.add_parser("eval", help="evaluate a model (dense, GGUF or exported bolaco directory)")
     e.add_argument("model", nargs="?", default="default")

@@ -5,7 +5,7 @@ A study file is data: it is parsed with yaml.safe_load and checked key by key, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -14,6 +14,23 @@ from .data import ROLES, RoleSpec
 from .errors import BolacoError
 
 METHODS = ("feature", "feature-uncentred", "weight")
+SAMPLERS = ("botorch", "gp", "tpe", "random")
+PRUNERS = ("none", "median")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The BO study: one keep ratio per (type group, block group) in [r_min, 1]."""
+    sampler: str = "botorch"
+    trials: int = 60                 # total finished trials the study aims for (all workers together)
+    groups: int = 6                  # contiguous block groups; = number of blocks for per-layer ratios
+    r_min: float = 0.1
+    tie: tuple[tuple[str, ...], ...] = ()   # types sharing one ratio, e.g. ((q, k),)
+    dense: tuple[str, ...] = ()      # types left out of the search (kept dense)
+    startup: int = 10                # BoTorch: first trials drawn at random from the budget polytope
+    seed: int = 0
+    kl_weight: float = 0.0           # objective = ppl + kl_weight * KL(compressed || dense) per token
+    pruner: str = "none"
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,7 @@ class Study:
     rank_multiple: int = 8
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"
+    search: SearchConfig = field(default_factory=SearchConfig)
     path: str | None = None
 
     def with_overrides(self, **kw) -> "Study":
@@ -57,7 +75,7 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(raw, dict):
         raise BolacoError(f"study file {path} must be a YAML mapping")
     where = f"study file {path}"
-    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir"}
+    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search"}
     unknown = set(raw) - top
     if unknown:
         raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
@@ -73,18 +91,28 @@ def load_study(path: str | Path) -> Study:
     collect = _section(raw, "collect", {"partitions", "batch_size"}, where)
     budget = _section(raw, "budget", {"remove"}, where)
     decompose = _section(raw, "decompose", {"method", "rank_multiple"}, where)
+    search = _section(raw, "search", {f.name for f in fields(SearchConfig)}, where)
     try:
+        search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
+                                     "dense": tuple(str(t) for t in search.get("dense", ()))})
         study = Study(name=str(raw.get("name") or path.stem), model=str(raw.get("model", "default")),
                       seq_len=int(raw.get("seq_len", 256)), data=roles, data_dir=data.get("dir"),
                       partitions=int(collect.get("partitions", 1)), batch_size=int(collect.get("batch_size", 8)),
                       remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
                       rank_multiple=int(decompose.get("rank_multiple", 8)),
                       storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
-                      path=str(path))
+                      search=search_cfg, path=str(path))
     except (TypeError, ValueError) as exc:
         raise BolacoError(f"{where}: {exc}")
     if study.method not in METHODS:
         raise BolacoError(f"{where}: unknown method '{study.method}' (choose from {', '.join(METHODS)})")
+    sc = study.search
+    if sc.sampler not in SAMPLERS:
+        raise BolacoError(f"{where}: unknown sampler '{sc.sampler}' (choose from {', '.join(SAMPLERS)})")
+    if sc.pruner not in PRUNERS:
+        raise BolacoError(f"{where}: unknown pruner '{sc.pruner}' (choose from {', '.join(PRUNERS)})")
+    if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.kl_weight < 0:
+        raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, kl_weight >= 0")
     if study.seq_len < 2 or study.partitions < 1 or study.batch_size < 1 or study.rank_multiple < 1:
         raise BolacoError(f"{where}: seq_len >= 2, partitions, batch_size and rank_multiple >= 1 are required")
     return study
