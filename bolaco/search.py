@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ import torch
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import TrialState
 
+from . import perplexity
 from .arch import TYPES, Adapter
 from .budget import Budget, RankMap
 from .errors import BolacoError
 from .study import Study
 
 ARTIFACT_DIR = "storage/artifacts"
+HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30   # a worker silent for GRACE_SECONDS has its trial failed and retried
 # BoTorchSampler, heartbeats and the retry callback are marked experimental; bolaco pins their use in tests.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -156,7 +159,7 @@ def open_storage(url: str) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(url, heartbeat_interval=10, grace_period=30,
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                           heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as exc:   # sqlalchemy raises many types; the user needs the URL and the first line
@@ -212,9 +215,7 @@ class Objective:
     """ask -> apply -> evaluate -> tell, with per-trial user attrs and an allocation heat map artifact."""
 
     def __init__(self, ws, comp, space: SearchSpace, artifacts: str | None = ARTIFACT_DIR):
-        from .perplexity import perplexity
         self.ws, self.comp, self.space = ws, comp, space
-        self._perplexity = perplexity
         self.store, self.artifact_dir = None, artifacts
         if artifacts:
             from optuna.artifacts import FileSystemArtifactStore
@@ -226,6 +227,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         sampled = time.perf_counter() - self._last_end
         point = {name: trial.suggest_float(name, self.space.r_min, 1.0) for name in self.space.names}
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         torch.set_num_threads(self.eval_threads)
         try:
             t = time.perf_counter()
@@ -238,7 +240,7 @@ class Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 
-            result = self._perplexity(self.ws.model, self.ws.data["search"], self.ws.study.batch_size,
+            result = perplexity.perplexity(self.ws.model, self.ws.data["search"], self.ws.study.batch_size,
                                       desc=f"trial {trial.number}", on_chunk=report)
             budget = self.comp.budget
             params = budget.params(ranks)

@@ -1,0 +1,29 @@
+"""A bolaco worker process on the tiny test model: `python tiny_worker.py STORAGE CACHE_DIR TRIALS create|join`.
+
+Each evaluation is slowed down so that the test can kill a worker in the middle of a trial."""
+
+import sys
+import time
+
+from bolaco import perplexity as ppl_module
+from bolaco import search
+
+search.HEARTBEAT_SECONDS, search.GRACE_SECONDS = 1, 4
+_real = ppl_module.perplexity
+
+
+def slow_perplexity(*args, **kwargs):
+    time.sleep(1.5)
+    return _real(*args, **kwargs)
+
+
+ppl_module.perplexity = slow_perplexity
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from test_search import tiny_workspace   # noqa: E402  (the same tiny study as the unit tests)
+    storage, cache_dir, trials, mode = sys.argv[1:5]
+    ws, comp = tiny_workspace(__import__("pathlib").Path(cache_dir))
+    import dataclasses
+    ws.study = dataclasses.replace(ws.study, storage=storage)
+    search.run(ws, comp, create=(mode == "create"), trials=int(trials), artifacts=None)
