@@ -8,7 +8,8 @@ in the orthonormal basis Q of the output space:
   over rank-k W', the SVD-LLM closed form).
 - weight: left singular vectors of W (truncated SVD, SFSD's baseline).
 Bases are computed once per linear in float64 (eigh / svd, sorted descending) and cached up to the
-largest rank that saves parameters; applying a rank map is a slice and one k x d_in product per layer.
+largest rank that saves parameters, together with Q^T W (and Q^T W mu), so that applying a rank map
+reads the first k rows of each and computes nothing but the bias (a d_out x k matrix-vector product).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from .arch import RECORD_OF_TYPE, Adapter, parse_linear_id
 from .budget import Budget, RankMap
 from .collect import CovarianceCache
 from .errors import BolacoError
-from .store import BlockStore
+from .store import BlockStore, key_hash
 
 METHODS = ("feature", "feature-uncentred", "weight")
-BASES_FORMAT = 1
+BASES_FORMAT = 2
 
 
 def adds_bias(method: str) -> bool:
@@ -33,6 +34,16 @@ def adds_bias(method: str) -> bool:
 
 def make_budget(adapter: Adapter, method: str, multiple: int = 8) -> Budget:
     return Budget(adapter.linears, adds_bias=adds_bias(method), multiple=multiple)
+
+
+def _wrap_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear around existing tensors, skipping nn.Linear.__init__'s random initialisation."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+    return lin
 
 
 class LowRankLinear(nn.Module):
@@ -61,13 +72,11 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
                      dense_bias: bool = False) -> "LowRankLinear":
-        m = cls(down.shape[1], up.shape[0], down.shape[0], bias is not None, dense_bias, device=down.device,
-                dtype=down.dtype)
-        with torch.no_grad():
-            m.down.weight.copy_(down)
-            m.up.weight.copy_(up)
-            if bias is not None:
-                m.up.bias.copy_(bias)
+        """Wrap existing tensors: no copy and no random initialisation, since applying a rank map must be cheap."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.dense_bias = dense_bias
+        m.down, m.up = _wrap_linear(down, None), _wrap_linear(up, bias)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,18 +97,32 @@ def output_basis(weight: torch.Tensor, input_moment: torch.Tensor | None) -> tup
     return evecs.flip(-1), evals.flip(-1)
 
 
+def factor_parts(weight: torch.Tensor, q: torch.Tensor, w_mean: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Everything needed to build the factors at any rank k <= q.shape[1] by taking the first k rows:
+    down = Q^T W, up_t = Q^T and, for the centred method, W mu and Q^T W mu (for the bias)."""
+    parts = {"down": q.T @ weight.to(q), "up_t": q.T.contiguous()}
+    if w_mean is not None:
+        parts["w_mean"] = w_mean
+        parts["proj_mean"] = q.T @ w_mean.to(q)
+    return parts
+
+
+def truncate(parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(down, up, bias) from factor parts already cut to k rows. With W mu present the bias keeps the mean of
+    the discarded directions: b_k = (I - Q_k Q_k^T)(W mu + b) + Q_k Q_k^T b = W mu + b - Q_k (Q_k^T W mu)."""
+    down, up = parts["down"].to(dtype), parts["up_t"].T.to(dtype)   # a transposed view: x @ up^T reads Q^T rows
+    if "w_mean" not in parts:
+        return down, up, bias
+    w_mean = parts["w_mean"].double()
+    b64 = bias.double() if bias is not None else torch.zeros_like(w_mean)
+    return down, up, (w_mean + b64 - parts["up_t"].double().T @ parts["proj_mean"].double()).to(dtype)
+
+
 def lowrank_factors(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
                     w_mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(down, up, bias) of y ~ Q (Q^T W) x + b_k. With w_mean = W mu (centred method) the bias keeps the
-    mean of the discarded directions, b_k = (I - Q Q^T)(W mu + b) + Q Q^T b; otherwise b is unchanged."""
-    q = q.to(device=weight.device, dtype=weight.dtype)
-    down = q.T @ weight
-    if w_mean is None:
-        return down, q, bias
-    w_mean = w_mean.to(weight.device, torch.float64)
-    q64 = q.double()
-    b64 = bias.double() if bias is not None else torch.zeros_like(w_mean)
-    return down, q, (w_mean + b64 - q64 @ (q64.T @ w_mean)).to(weight.dtype)
+    """(down, up, bias) of y ~ Q (Q^T W) x + b_k for the basis columns q (all of them)."""
+    return truncate(factor_parts(weight, q, w_mean), bias, weight.dtype)
 
 
 def bases_key(cov: CovarianceCache, method: str) -> dict:
@@ -111,7 +134,8 @@ def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: b
     if method not in METHODS:
         raise BolacoError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     budget = make_budget(adapter, method, 1)
-    store = BlockStore(cov.root / f"bases-{method}", bases_key(cov, method), adapter.n_blocks, f"{method} bases")
+    key = bases_key(cov, method)
+    store = BlockStore(cov.root / f"bases-{method}-{key_hash(key)[:8]}", key, adapter.n_blocks, f"{method} bases")
     todo = [b for b in range(adapter.n_blocks) if not store.has(b)]
     for b in tqdm(todo, desc=f"bases ({method})", unit="block", disable=not progress or not todo):
         tensors = {}
@@ -122,12 +146,13 @@ def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: b
                 moment = moments.cov if method == "feature" else moments.second
             for lid in lids:
                 type_ = parse_linear_id(lid)[1]
-                w = adapter.module(lid).weight.detach().cpu()
+                w = adapter.module(lid).weight.detach().cpu().double()
                 q, spectrum = output_basis(w, moment)
-                tensors[f"{type_}.basis"] = q[:, :budget.max_rank(lid)].float()
+                w_mean = w @ moments.mean if method == "feature" else None
+                parts = factor_parts(w, q[:, :budget.max_rank(lid)], w_mean)
+                for name, t in parts.items():   # factors in float32, the bias terms in float64
+                    tensors[f"{type_}.{name}"] = t.float() if name in ("down", "up_t") else t
                 tensors[f"{type_}.spectrum"] = spectrum
-                if method == "feature":
-                    tensors[f"{type_}.w_mean"] = w.double() @ moments.mean
         store.write(b, tensors)
     return Bases(store, method)
 
@@ -144,13 +169,19 @@ class Bases:
             self._handles[block] = self.store.open(block)
         return self._handles[block]
 
-    def basis(self, lid: str, k: int) -> torch.Tensor:
+    def parts(self, lid: str, k: int) -> dict[str, torch.Tensor]:
+        """The factor parts of `lid` cut to rank k: only the first k rows are read from disk."""
         block, type_ = parse_linear_id(lid)
-        return self._handle(block).get_slice(f"{type_}.basis")[:, :k]
+        h = self._handle(block)
+        out = {name: h.get_slice(f"{type_}.{name}")[:k] for name in ("down", "up_t")}
+        if adds_bias(self.method):
+            out["w_mean"] = h.get_tensor(f"{type_}.w_mean")
+            out["proj_mean"] = h.get_slice(f"{type_}.proj_mean")[:k]
+        return out
 
-    def tensor(self, lid: str, name: str) -> torch.Tensor:
+    def spectrum(self, lid: str) -> torch.Tensor:
         block, type_ = parse_linear_id(lid)
-        return self._handle(block).get_tensor(f"{type_}.{name}")
+        return self._handle(block).get_tensor(f"{type_}.spectrum")
 
 
 class Compressor:
@@ -169,9 +200,10 @@ class Compressor:
 
     def factors(self, lid: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         dense = self._dense.get(lid) or self.adapter.module(lid)
-        w_mean = self.bases.tensor(lid, "w_mean") if adds_bias(self.bases.method) else None
         bias = dense.bias.detach() if dense.bias is not None else None
-        return lowrank_factors(dense.weight.detach(), bias, self.bases.basis(lid, k), w_mean)
+        down, up, b = truncate(self.bases.parts(lid, k), bias, dense.weight.dtype)
+        device = dense.weight.device
+        return down.to(device), up.to(device), None if b is None else b.to(device)
 
     def apply(self, ranks: RankMap) -> None:
         """Make the model carry exactly `ranks` (previous low-rank layers are restored first)."""

@@ -136,6 +136,10 @@ def test_bases_cache_is_reused_and_verified(compressed, tmp_path):
     model, adapter, cov, comp, _ = compressed
     again = build_bases(adapter, cov, "feature", progress=False)
     assert again.store.complete and again.store.root == comp.bases.store.root
-    q = again.basis("1.up", 5)
-    assert q.shape == (adapter.linears["1.up"].d_out, 5)
-    assert torch.allclose(q.T @ q, torch.eye(5), atol=1e-5)
+    parts = again.parts("1.up", 5)
+    q_t, down = parts["up_t"], parts["down"]
+    assert q_t.shape == (5, adapter.linears["1.up"].d_out) and down.shape == (5, adapter.linears["1.up"].d_in)
+    assert torch.allclose(q_t @ q_t.T, torch.eye(5), atol=1e-5)
+    assert torch.allclose(down, q_t @ adapter.module("1.up").weight, atol=1e-5)   # cached Q^T W
+    spectrum = again.spectrum("1.up")
+    assert torch.all(spectrum[:-1] >= spectrum[1:])                                  # sorted descending
