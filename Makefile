@@ -9,8 +9,12 @@ STUDY ?= studies/smollm2-20.yaml
 MODEL ?= default
 OUT ?=
 RANKS ?=
+STORAGE ?=
+TRIALS ?=
+PORT ?= 8080
+STORAGE_FLAG = $(if $(STORAGE),--storage $(STORAGE))
 
-.PHONY: setup test collect compress export eval bench clean-cache
+.PHONY: setup test collect compress study worker dashboard export eval clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +34,17 @@ collect:
 compress:
 	$(BIN)/bolaco compress --study $(STUDY) --uniform $(if $(OUT),--out $(OUT))
 
+study:
+	$(BIN)/bolaco search --study $(STUDY) $(STORAGE_FLAG) $(if $(TRIALS),--trials $(TRIALS))
+
+worker:
+	$(BIN)/bolaco worker --study $(STUDY) $(STORAGE_FLAG) $(if $(TRIALS),--trials $(TRIALS))
+
+dashboard:
+	$(BIN)/bolaco dashboard --study $(STUDY) $(STORAGE_FLAG) --port $(PORT)
+
 export:
-	$(BIN)/bolaco export --study $(STUDY) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
+	$(BIN)/bolaco export --study $(STUDY) $(STORAGE_FLAG) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
 
 eval:
 	$(BIN)/bolaco eval $(MODEL) --ppl

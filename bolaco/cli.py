@@ -83,12 +83,13 @@ def cmd_worker(args) -> None:
 
 
 def cmd_dashboard(args) -> None:
-    import subprocess
+    import os
+    from pathlib import Path
     study = _study(args).with_overrides(storage=args.storage)
-    cmd = [sys.executable, "-m", "optuna_dashboard", study.storage, "--host", args.host, "--port", str(args.port),
-           "--artifact-dir", args.artifact_dir]
-    print("running", " ".join(cmd))
-    raise SystemExit(subprocess.call(cmd))
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    cmd = [str(exe), study.storage, "--host", args.host, "--port", str(args.port), "--artifact-dir", args.artifact_dir]
+    print("running", " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)   # replace this process, so that its PID is the server's
 
 
 def cmd_eval(args) -> None:

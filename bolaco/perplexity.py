@@ -18,6 +18,7 @@ class Perplexity:
     nll: float          # mean token negative log-likelihood (nats)
     tokens: int         # predicted tokens
     seconds: float
+    kl: float | None = None   # mean per-token KL(model || reference), when reference log-probs were given
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -25,12 +26,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8, progress: bool = True,
-               desc: str = "ppl", on_chunk: Callable[[int, float], None] | None = None) -> Perplexity:
+               desc: str = "ppl", on_chunk: Callable[[int, float], None] | None = None,
+               reference: list[torch.Tensor] | None = None) -> Perplexity:
     """`sequences` is (N, seq_len) token ids; each window predicts its seq_len - 1 next tokens.
 
-    on_chunk(step, running_ppl) is called after every batch (for pruners and progress reports)."""
+    on_chunk(step, running_ppl) is called after every batch (for pruners and progress reports).
+    reference: per-batch log-probabilities of another model (see `log_probs`) to measure KL against."""
     device = model_device(model)
-    total_nll = 0.0
+    total_nll = total_kl = 0.0
     total_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=sequences.shape[0] * sequences.shape[1], desc=desc, unit="tok", disable=not progress,
@@ -42,10 +45,27 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                   reduction="sum")
             total_nll += float(nll.double())
+            if reference is not None:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                ref = reference[step].to(device, torch.float32)
+                total_kl += float((logp.exp() * (logp - ref)).sum(dtype=torch.float64))
             total_tokens += ids[:, 1:].numel()
             bar.update(ids.numel())
             if on_chunk is not None:
                 on_chunk(step, math.exp(total_nll / total_tokens))
     bar.close()
     mean = total_nll / total_tokens
-    return Perplexity(math.exp(mean), mean, total_tokens, time.perf_counter() - start)
+    return Perplexity(math.exp(mean), mean, total_tokens, time.perf_counter() - start,
+                      total_kl / total_tokens if reference is not None else None)
+
+
+def log_probs(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8,
+              dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """Per-batch next-token log-probabilities (B, seq_len - 1, vocab) of `model`, kept on the CPU in `dtype`."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, sequences.shape[0], batch_size):
+            ids = sequences[i:i + batch_size].to(model_device(model))
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            out.append(torch.log_softmax(logits.float(), dim=-1).to("cpu", dtype))
+    return out

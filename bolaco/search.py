@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from . import perplexity
@@ -160,7 +160,7 @@ def open_storage(url: str) -> RDBStorage:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3),
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as exc:   # sqlalchemy raises many types; the user needs the URL and the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -222,6 +222,10 @@ class Objective:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
             self.store = FileSystemArtifactStore(artifacts)
         self.eval_threads = torch.get_num_threads()
+        self.kl_weight = ws.study.search.kl_weight
+        # dense log-probs of the search split, once, for the KL term (the model is dense here)
+        self.reference = (perplexity.log_probs(ws.model, ws.data["search"], ws.study.batch_size)
+                          if self.kl_weight > 0 else None)
         self._last_end = time.perf_counter()
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -241,17 +245,20 @@ class Objective:
                     raise optuna.TrialPruned()
 
             result = perplexity.perplexity(self.ws.model, self.ws.data["search"], self.ws.study.batch_size,
-                                      desc=f"trial {trial.number}", on_chunk=report)
+                                           desc=f"trial {trial.number}", on_chunk=report, reference=self.reference)
             budget = self.comp.budget
             params = budget.params(ranks)
             attrs = {"ranks": ranks, "params": params, "compression": 1 - params / budget.decomposable,
-                     "search_ppl": result.ppl, "seconds_sampling": round(sampled, 3),
+                     "search_ppl": result.ppl, "search_kl": result.kl, "seconds_sampling": round(sampled, 3),
                      "seconds_apply": round(applied, 3), "seconds_eval": round(result.seconds, 3)}
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
             if self.store is not None:
                 self._upload_heatmap(trial, budget, ranks, result.ppl)
-            return result.ppl
+            value = result.ppl + (self.kl_weight * result.kl if self.reference is not None else 0.0)
+            print(f"trial {trial.number}: search ppl {result.ppl:.3f}, removed {attrs['compression']:.2%}; seconds: "
+                  f"sampling {sampled:.1f}, apply {applied:.2f}, eval {result.seconds:.1f}", flush=True)
+            return value
         finally:
             self.comp.restore()
             torch.set_num_threads(1)   # the sampler runs between objective calls
@@ -279,6 +286,7 @@ def run(ws, comp, create: bool, trials: int | None = None, artifacts: str | None
     opt = open_optuna_study(study, space, create)
     target = trials or study.search.trials
     objective = Objective(ws, comp, space, artifacts)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)   # bolaco prints one short line per trial
     stop_at = optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
     todo = remaining(opt, target)
     print(f"study {opt.study_name} in {study.storage}: {len(space.names)} variables, "

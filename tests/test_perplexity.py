@@ -31,3 +31,17 @@ def test_running_values_reach_the_final_perplexity():
     got = perplexity(model, seqs, batch_size=4, progress=False, on_chunk=lambda step, ppl: seen.append((step, ppl)))
     assert [s for s, _ in seen] == [0, 1]
     assert math.isclose(seen[-1][1], got.ppl, rel_tol=1e-12)
+
+
+def test_kl_to_reference_is_zero_for_itself_and_matches_float64():
+    from bolaco.perplexity import log_probs
+    model, other = tiny_model("qwen2"), tiny_model("qwen2", seed=1)
+    seqs = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2))
+    ref = log_probs(model, seqs, batch_size=2, dtype=torch.float64)
+    assert abs(perplexity(model, seqs, batch_size=2, progress=False, reference=ref).kl) < 1e-5
+    got = perplexity(other, seqs, batch_size=2, progress=False, reference=ref).kl
+    with torch.no_grad():
+        p = torch.log_softmax(copy.deepcopy(other).double()(input_ids=seqs).logits[:, :-1], -1)
+        q = torch.log_softmax(copy.deepcopy(model).double()(input_ids=seqs).logits[:, :-1], -1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert got > 0 and math.isclose(got, expected, rel_tol=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 URL = os.environ.get("BOLACO_TEST_POSTGRES")
@@ -74,7 +74,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     assert len(complete) >= target
     assert [t.number for t in failed] == [victim.number]             # the killed worker's trial, and only it
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
-    retried = [t for t in complete if RetryFailedTrialCallback.retried_trial_number(t) == victim.number]
+    retried = [t for t in complete if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]
     assert len(retried) == 1 and retried[0].params == victim.params
     workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2                                          # both workers contributed results

@@ -97,3 +97,11 @@ def test_malformed_study_files_are_refused(tmp_path):
     f.write_text("name: [unclosed\n")
     with pytest.raises(BolacoError, match="not valid YAML"):
         load_study(f)
+
+
+def test_kl_term_enters_the_objective(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, sampler="random", kl_weight=10.0)
+    opt = search.run(ws, comp, create=True, trials=2, artifacts=None)
+    for t in opt.trials:
+        assert t.user_attrs["search_kl"] > 0
+        assert t.value == pytest.approx(t.user_attrs["search_ppl"] + 10.0 * t.user_attrs["search_kl"])
