@@ -92,6 +92,54 @@ def cmd_dashboard(args) -> None:
     os.execv(cmd[0], cmd)   # replace this process, so that its PID is the server's
 
 
+def cmd_finetune(args) -> None:
+    import hashlib
+    from pathlib import Path
+    from .data import role_sequences
+    from .export import count_params, export, load_compressed
+    from .finetune import SubspaceTuner
+    from .perplexity import perplexity
+    study = _study(args)
+    cfg = dataclasses.replace(study.finetune, **{k: v for k, v in (("variant", args.variant), ("steps", args.steps))
+                                                 if v is not None})
+    source = Path(args.source or f"out/{study.name}")
+    if not (source / "bolaco.json").is_file():
+        raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) or pass --from DIR")
+    model, tokenizer = load_compressed(source, device=args.device)
+    meta = json.loads((source / "bolaco.json").read_text())
+    roles = {"train": study.data.get("train", study.data.get("calibration")),
+             **{r: study.data[r] for r in ("search", "test") if r in study.data}}
+    if roles["train"] is None:
+        raise BolacoError(f"study '{study.name}' names no data.train or data.calibration to train on")
+    data = role_sequences(roles, tokenizer, study.seq_len, study.data_dir)
+
+    def ppl():
+        return {r: perplexity(model, data[r], study.batch_size, desc=r).ppl for r in ("search", "test") if r in data}
+
+    before = ppl()
+    print("before: " + ", ".join(f"{r} ppl {v:.2f}" for r, v in before.items()))
+    key = hashlib.sha256(json.dumps([meta["ranks"], meta.get("params"), dataclasses.asdict(cfg),
+                                     roles["train"].__dict__]).encode()).hexdigest()[:12]
+    t = time.perf_counter()
+    tuner = SubspaceTuner(model, cfg)
+    losses = tuner.fit(data["train"], checkpoint=Path(study.cache_dir).parent / "finetune" / key)
+    seconds = time.perf_counter() - t
+    model = tuner.merge()
+    after = ppl()
+    print("after:  " + ", ".join(f"{r} ppl {v:.2f}" for r, v in after.items()) +
+          f" ({cfg.steps} steps, {cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len:,} tokens, {seconds:.0f} s)")
+    info = {k: v for k, v in meta.items() if k not in ("format", "bolaco_version", "ranks", "lowrank_bias",
+                                                        "dense_bias", "params")}
+    info["finetune"] = {**dataclasses.asdict(cfg), "source": str(source), "train_data": roles["train"].__dict__,
+                        "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len,
+                        "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
+                        "perplexity_before": before, "perplexity_after": after}
+    info["perplexity"] = {"seq_len": study.seq_len, **after}
+    out = export(model, tokenizer, {k: int(v) for k, v in meta["ranks"].items()},
+                 args.out or f"{source}-ft-{cfg.variant}", info)
+    print(f"wrote {out}: {count_params(model):,} parameters (unchanged by merging)")
+
+
 def cmd_eval(args) -> None:
     from . import model as model_io
     from .data import tokenize_corpus
@@ -145,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
         w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
         w.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+
+    f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",
+                      cmd_finetune)
+    f.add_argument("--from", dest="source", help="exported model folder (default out/<study>, see make export)")
+    f.add_argument("--variant", help="lora or scaling (default: the study file's)")
+    f.add_argument("--steps", type=int, help="optimizer steps (default: the study file's)")
+    f.add_argument("--out", help="output folder (default <from>-ft-<variant>)")
+    f.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
 
     d = study_command("dashboard", "optuna-dashboard on the study storage", cmd_dashboard)
     d.add_argument("--storage", help="override the study storage URL")

@@ -18,7 +18,9 @@ import torch
 from .errors import BolacoError
 
 RESOURCES = Path(__file__).parent / "resources"
-ROLES = ("calibration", "search", "test")
+ROLES = ("calibration", "search", "test", "train")
+FITTING_ROLES = ("calibration", "search", "train")      # may never read a test split
+MAY_OVERLAP = {frozenset(("calibration", "train"))}      # post-training may reuse the calibration text
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def check_roles(roles: dict[str, RoleSpec], totals: dict[str, int]) -> dict[str,
     if missing:
         raise BolacoError(f"unknown data role(s) {missing}; roles are {', '.join(ROLES)}")
     ranges = {role: spec.resolve(totals[spec.corpus], role) for role, spec in roles.items()}
-    for role in ("calibration", "search"):
+    for role in FITTING_ROLES:
         spec = roles.get(role)
         if spec is not None and CORPORA[spec.corpus].split == "test":
             raise BolacoError(f"{role} data may not come from the test split '{spec.corpus}': "
@@ -125,7 +127,7 @@ def check_roles(roles: dict[str, RoleSpec], totals: dict[str, int]) -> dict[str,
     names = list(roles)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            if roles[a].corpus == roles[b].corpus:
+            if roles[a].corpus == roles[b].corpus and frozenset((a, b)) not in MAY_OVERLAP:
                 ra, rb = ranges[a], ranges[b]
                 if max(ra.start, rb.start) < min(ra.stop, rb.stop):
                     raise BolacoError(f"{a} and {b} data overlap in '{roles[a].corpus}' "

@@ -16,6 +16,23 @@ from .errors import BolacoError
 METHODS = ("feature", "feature-uncentred", "weight")
 SAMPLERS = ("botorch", "gp", "tpe", "random")
 PRUNERS = ("none", "median")
+FINETUNE_VARIANTS = ("lora", "scaling")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Post-training in the low-rank subspace (bolaco finetune)."""
+    variant: str = "lora"            # lora (peft on every `down` factor) or scaling (diagonal scalings)
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "cosine"         # any transformers.get_scheduler name: cosine, linear, constant, ...
+    warmup: int = 10
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+    checkpoint_every: int = 25
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class Study:
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"
     search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     path: str | None = None
 
     def with_overrides(self, **kw) -> "Study":
@@ -75,7 +93,8 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(raw, dict):
         raise BolacoError(f"study file {path} must be a YAML mapping")
     where = f"study file {path}"
-    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search"}
+    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search",
+           "finetune"}
     unknown = set(raw) - top
     if unknown:
         raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
@@ -92,6 +111,7 @@ def load_study(path: str | Path) -> Study:
     budget = _section(raw, "budget", {"remove"}, where)
     decompose = _section(raw, "decompose", {"method", "rank_multiple"}, where)
     search = _section(raw, "search", {f.name for f in fields(SearchConfig)}, where)
+    finetune = _section(raw, "finetune", {f.name for f in fields(FinetuneConfig)}, where)
     try:
         search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
                                      "dense": tuple(str(t) for t in search.get("dense", ()))})
@@ -101,7 +121,7 @@ def load_study(path: str | Path) -> Study:
                       remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
                       rank_multiple=int(decompose.get("rank_multiple", 8)),
                       storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
-                      search=search_cfg, path=str(path))
+                      search=search_cfg, finetune=FinetuneConfig(**finetune), path=str(path))
     except (TypeError, ValueError) as exc:
         raise BolacoError(f"{where}: {exc}")
     if study.method not in METHODS:
@@ -113,6 +133,9 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"{where}: unknown pruner '{sc.pruner}' (choose from {', '.join(PRUNERS)})")
     if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.kl_weight < 0:
         raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, kl_weight >= 0")
+    if study.finetune.variant not in FINETUNE_VARIANTS:
+        raise BolacoError(f"{where}: unknown finetune variant '{study.finetune.variant}' "
+                          f"(choose from {', '.join(FINETUNE_VARIANTS)})")
     if study.seq_len < 2 or study.partitions < 1 or study.batch_size < 1 or study.rank_multiple < 1:
         raise BolacoError(f"{where}: seq_len >= 2, partitions, batch_size and rank_multiple >= 1 are required")
     return study

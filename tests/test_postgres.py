@@ -48,7 +48,9 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     storage = optuna.storages.RDBStorage(URL)
     if STUDY in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
         optuna.delete_study(study_name=STUDY, storage=storage)
-    target = 6
+    # enough trials that the surviving worker is still busy when the dead worker's heartbeat goes stale
+    # (grace 4 s, about 1.7 s per trial), so it fails and retries that trial before the study is done
+    target = 16
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, str(HELPER), URL, str(tmp_path)]
     a = subprocess.Popen(cmd + [str(target), "create"], env=env)
@@ -59,6 +61,8 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
         _wait_for(lambda: _running_trial_of(storage, b.pid), "worker B to run a trial")
         victim = _wait_for(lambda: _running_trial_of(storage, a.pid), "worker A's next trial")[0]
         a.send_signal(signal.SIGKILL)
+        finished = optuna.load_study(study_name=STUDY, storage=storage).get_trials(states=(TrialState.COMPLETE,))
+        assert len(finished) <= target - 5, "worker A ran too fast for the test to kill it early"
         a.wait()
         assert b.wait(timeout=240) == 0
     finally:

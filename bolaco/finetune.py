@@ -1,0 +1,176 @@
+"""Post-training inside the low-rank subspace (DESIGN 2.8), merged back without growing the model.
+
+For y = up(down(x)) + b:
+- `lora`: peft LoRA on every `down` factor (k x d_in). The update up (B A) stays in span(up) and merges
+  into `down` exactly, so rank map, parameter count and file size are unchanged.
+- `scaling` (Bolaco's variant): factors frozen; a trainable length-k vector s between the factors and a
+  length-d_out vector g on the output, y = g * (up(s * down(x)) + b), merged as down <- diag(s) down,
+  up <- diag(g) up, b <- g * b.
+Training is deterministic for a seed, and checkpoints (trainable tensors, AdamW state, losses) are written
+atomically as safetensors + JSON, so an interrupted run resumes to the same loss sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Adapter
+from .decompose import LowRankLinear
+from .errors import BolacoError
+from .store import _atomic_write
+from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
+
+class DiagonalScaling(nn.Module):
+    """A LowRankLinear with trainable diagonal scalings between the factors and on the output."""
+
+    def __init__(self, inner: LowRankLinear):
+        super().__init__()
+        self.inner = inner
+        p = inner.down.weight
+        self.mid = nn.Parameter(torch.ones(inner.rank, device=p.device, dtype=p.dtype))
+        self.out = nn.Parameter(torch.ones(inner.out_features, device=p.device, dtype=p.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out * self.inner.up(self.mid * self.inner.down(x))
+
+    def merged(self) -> LowRankLinear:
+        inner = self.inner
+        with torch.no_grad():
+            bias = None if inner.up.bias is None else inner.up.bias * self.out
+            return LowRankLinear.from_factors(inner.down.weight * self.mid[:, None], inner.up.weight * self.out[:, None],
+                                              bias, inner.dense_bias)
+
+
+def lowrank_ids(adapter: Adapter) -> list[str]:
+    ids = [lid for lid in adapter.linears if isinstance(adapter.module(lid), LowRankLinear)]
+    if not ids:
+        raise BolacoError("the model has no low-rank layers: post-training needs a compressed model "
+                          "(`make export` or `bolaco compress`)")
+    return ids
+
+
+class _Checkpoint:
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def save(self, step: int, losses: list[float], trainable: dict[str, nn.Parameter], optimizer) -> None:
+        if self.folder is None:
+            return
+        from safetensors.torch import save_file
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+        for i, p in enumerate(trainable.values()):
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = value.detach().cpu().reshape(-1).contiguous()
+        _atomic_write(self.folder / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+        _atomic_write(self.folder / "state.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps({"step": step, "losses": losses})))
+
+    def load(self, trainable: dict[str, nn.Parameter], optimizer) -> tuple[int, list[float]]:
+        if self.folder is None or not (self.folder / "state.json").is_file():
+            return 0, []
+        from safetensors.torch import load_file
+        try:
+            meta = json.loads((self.folder / "state.json").read_text())
+            tensors = load_file(self.folder / "state.safetensors")
+            with torch.no_grad():
+                for i, (n, p) in enumerate(trainable.items()):
+                    p.copy_(tensors[f"param.{n}"])
+                    state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+                    if state:
+                        optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.reshape(p.shape)).to(p.device)
+                                              for k, v in state.items()}
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise BolacoError(f"fine-tuning checkpoint in {self.folder} is corrupt or from other settings ({exc}): "
+                              "delete the folder to start over")
+        return meta["step"], meta["losses"]
+
+
+def _batch_indices(n: int, batch_size: int, micro: int, seed: int, perms: dict) -> torch.Tensor:
+    """Rows of micro-batch `micro`: a fresh seeded permutation per epoch, so any step can be recomputed."""
+    rows = []
+    for i in range(micro * batch_size, (micro + 1) * batch_size):
+        epoch, r = divmod(i, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        rows.append(int(perms[epoch][r]))
+    return torch.tensor(rows)
+
+
+class SubspaceTuner:
+    """Attach the trainable parts to a compressed model, fit them, merge them back into the factors."""
+
+    def __init__(self, model, cfg: FinetuneConfig):
+        if cfg.variant not in VARIANTS:
+            raise BolacoError(f"unknown fine-tuning variant '{cfg.variant}' (choose from {', '.join(VARIANTS)})")
+        self.model, self.cfg = model, cfg
+        self.adapter = Adapter(model)
+        self.ids = lowrank_ids(self.adapter)
+        torch.manual_seed(cfg.seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.variant == "lora":
+            from peft import LoraConfig, get_peft_model
+            targets = [f"{self.adapter.linears[lid].path}.down" for lid in self.ids]
+            self.net = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                        target_modules=targets, bias="none"))
+        else:
+            for lid in self.ids:
+                self.adapter.replace(lid, DiagonalScaling(self.adapter.module(lid)))
+            self.net = model
+        self.trainable = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+
+    def fit(self, sequences: torch.Tensor, checkpoint: Path | None = None, progress: bool = True) -> list[float]:
+        """Train on `sequences` (N, seq_len); returns the loss of every optimizer step (resumed ones included)."""
+        from transformers import get_scheduler
+        cfg, net = self.cfg, self.net
+        device = next(net.parameters()).device
+        optimizer = torch.optim.AdamW(self.trainable.values(), lr=cfg.lr, weight_decay=0.0)
+        scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
+        store = _Checkpoint(checkpoint)
+        start, losses = store.load(self.trainable, optimizer)
+        for _ in range(start):
+            scheduler.step()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        perms: dict = {}
+        net.train()
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"finetune ({cfg.variant})", disable=not progress)
+        t0, tokens = time.perf_counter(), 0
+        try:
+            for step in range(start, cfg.steps):
+                loss_sum = 0.0
+                for j in range(cfg.grad_accum):
+                    rows = _batch_indices(len(sequences), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed, perms)
+                    batch = sequences[rows].to(device)
+                    with autocast:
+                        loss = net(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    tokens += batch.numel()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss_sum)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                    store.save(step + 1, losses, self.trainable, optimizer)
+        finally:
+            bar.close()
+            net.eval()
+        return losses
+
+    def merge(self):
+        """Fold the trained parts into the factors; returns the plain compressed model (same ranks and size)."""
+        if self.cfg.variant == "lora":
+            return self.net.merge_and_unload()
+        for lid in self.ids:
+            self.adapter.replace(lid, self.adapter.module(lid).merged())
+        return self.model

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from bolaco.arch import Adapter
+from bolaco.collect import collect
+from bolaco.decompose import Compressor, build_bases, make_budget
+from bolaco.errors import BolacoError
+from bolaco.export import count_params, export
+from bolaco.finetune import SubspaceTuner, _Checkpoint
+from bolaco.study import FinetuneConfig
+from conftest import tiny_model
+
+SEQS = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(7))
+
+
+def compressed_model(tmp_path, family="qwen2"):
+    model = tiny_model(family)
+    adapter = Adapter(model)
+    cov = collect(model, SEQS, tmp_path / "cache", progress=False)
+    comp = Compressor(adapter, build_bases(adapter, cov, "feature", progress=False),
+                      make_budget(adapter, "feature", multiple=4))
+    ranks = comp.budget.uniform(0.3)
+    comp.apply(ranks)
+    for p in model.parameters():   # the factors as exported models carry them: ordinary parameters
+        p.requires_grad_(True)
+    return model, ranks
+
+
+@pytest.mark.parametrize("variant", ["lora", "scaling"])
+def test_loss_falls_merge_is_exact_and_size_unchanged(tmp_path, tokenizer, variant):
+    model, ranks = compressed_model(tmp_path)
+    before = count_params(model)
+    ref = export(model, None, ranks, tmp_path / "before", {})
+    tuner = SubspaceTuner(model, FinetuneConfig(variant=variant, steps=12, batch_size=2, lr=5e-2, warmup=0,
+                                                schedule="constant", checkpoint_every=100))
+    fixed = SEQS[:2]                         # one fixed batch: the loss must go down
+    losses = tuner.fit(fixed, progress=False)
+    assert losses[-1] < losses[0] - 0.1
+    with torch.no_grad():
+        adapted = tuner.net(input_ids=SEQS).logits
+        merged = tuner.merge()
+        assert torch.allclose(merged(input_ids=SEQS).logits, adapted, atol=1e-4, rtol=1e-4)
+    adapter = Adapter(merged)
+    assert {lid: adapter.module(lid).rank for lid in ranks} == ranks
+    assert count_params(merged) == before
+    out = export(merged, None, ranks, tmp_path / "after", {})
+    assert (out / "model.safetensors").stat().st_size == (ref / "model.safetensors").stat().st_size
+
+
+def test_resumed_run_continues_the_same_loss_sequence(tmp_path, monkeypatch):
+    cfg = FinetuneConfig(steps=6, batch_size=2, lr=1e-2, warmup=1, checkpoint_every=2, lora_r=2)
+    model, _ = compressed_model(tmp_path / "a")
+    full = SubspaceTuner(model, cfg).fit(SEQS, progress=False)
+
+    real_save = _Checkpoint.save
+
+    def save_then_die(self, step, *args):
+        real_save(self, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Checkpoint, "save", save_then_die)
+    model, _ = compressed_model(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        SubspaceTuner(model, cfg).fit(SEQS, checkpoint=tmp_path / "ckpt", progress=False)
+    monkeypatch.setattr(_Checkpoint, "save", real_save)
+    model, _ = compressed_model(tmp_path / "c")
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    resumed = SubspaceTuner(model, cfg).fit(SEQS, checkpoint=tmp_path / "ckpt", progress=False)
+    assert len(forwards) == 2                  # only steps 5 and 6 ran: the first four came from the checkpoint
+    assert len(resumed) == 6
+    assert resumed == pytest.approx(full, rel=1e-6)
+
+
+def test_refuses_models_without_low_rank_layers():
+    with pytest.raises(BolacoError, match="no low-rank layers"):
+        SubspaceTuner(tiny_model("llama"), FinetuneConfig())
+
+
+def test_finetune_command_refuses_test_data_and_missing_models(tmp_path, capsys):
+    from bolaco.cli import main
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\ndata:\n  train: {corpus: wikitext2-test, sequences: 4}\n"
+                     "  test: {corpus: wikitext2-test, start: 10, sequences: 4}\n")
+    assert main(["finetune", "--study", str(study), "--from", str(tmp_path / "none")]) == 2
+    assert "no exported bolaco model" in capsys.readouterr().err
+    from bolaco.data import RoleSpec, check_roles
+    with pytest.raises(BolacoError, match="train data may not come from the test split"):
+        check_roles({"train": RoleSpec("wikitext2-test", 0, 4), "test": RoleSpec("wikitext2-test", 10, 4)},
+                    {"wikitext2-test": 100})
+    check_roles({"train": RoleSpec("wikitext2-valid", 0, 8), "calibration": RoleSpec("wikitext2-valid", 0, 8)},
+                {"wikitext2-valid": 100})    # post-training may reuse the calibration text
