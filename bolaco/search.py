@@ -64,11 +64,11 @@ class SearchSpace:
         fixed = budget.decomposable - free.decomposable
         target = budget.target(study.remove)
         space = cls(variables, cfg.r_min, budget, target)
-        if space.rhs <= space.r_min * float(space.coefficients.sum()):
+        if space.rhs <= space.r_min * float(space.coefficients().sum()):
             raise BolacoError(f"the search space cannot meet remove={study.remove}: with r_min={cfg.r_min} and "
                               f"types {list(cfg.dense)} kept dense ({fixed:,} parameters) the searched layers would "
                               "need keep ratios below r_min; lower r_min or search more types")
-        if space.rhs >= float(space.coefficients.sum()):
+        if space.rhs >= float(space.coefficients().sum()):
             raise BolacoError(f"remove={study.remove} is met with every searched layer dense: nothing to search")
         return space
 
@@ -76,10 +76,9 @@ class SearchSpace:
     def names(self) -> list[str]:
         return list(self.variables)
 
-    @property
-    def coefficients(self) -> torch.Tensor:
-        """P_j: dense parameters of the linears of variable j (the slope of params in x_j)."""
-        return torch.tensor([float(sum(self.budget.dense(l) for l in ids)) for ids in self.variables.values()],
+    def coefficients(self, names: list[str] | None = None) -> torch.Tensor:
+        """P_j: dense parameters of the linears of variable j (the slope of params in x_j), in `names` order."""
+        return torch.tensor([float(sum(self.budget.dense(l) for l in self.variables[n])) for n in names or self.names],
                             dtype=torch.float64)
 
     @property
@@ -91,7 +90,7 @@ class SearchSpace:
         return float(self.target - offset - dense_rest)
 
     def uniform_point(self) -> dict[str, float]:
-        r = self.rhs / float(self.coefficients.sum())
+        r = self.rhs / float(self.coefficients().sum())
         return {name: r for name in self.variables}
 
     def ranks(self, point: dict[str, float]) -> RankMap:
@@ -99,15 +98,22 @@ class SearchSpace:
         return self.budget.fit(keeps, self.target)
 
     def constraint(self, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The budget hyperplane in BoTorch's normalised [0, 1]^d coordinates: (indices, coefficients, rhs)."""
+        """The budget hyperplane in BoTorch's normalised [0, 1]^d coordinates: (indices, coefficients, rhs),
+        scaled so that the coefficients sum to 1 (parameter counts of ~1e6 make SLSQP fail). Columns follow
+        the sampler's order: Optuna's IntersectionSearchSpace sorts parameters by name."""
+        if bounds.shape[1] != len(self.names):
+            raise RuntimeError(f"BoTorch got {bounds.shape[1]} columns for {len(self.names)} search variables")
         lo, hi = bounds[0], bounds[1]
-        p = self.coefficients.to(bounds)
-        return (torch.arange(len(p)), p * (hi - lo), self.rhs - float(p @ lo))
+        p = self.coefficients(sorted(self.names)).to(bounds)
+        coef = p * (hi - lo)
+        scale = float(coef.sum())
+        return (torch.arange(len(p)), coef / scale, (self.rhs - float(p @ lo)) / scale)
 
 
 def botorch_candidates(space: SearchSpace, startup: int, seed: int):
     """A `candidates_func` for optuna_integration.BoTorchSampler: LogEI optimised on the budget hyperplane."""
     from botorch.acquisition.analytic import LogExpectedImprovement
+    from botorch.exceptions.errors import CandidateGenerationError
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
     from botorch.models.transforms import Standardize
@@ -126,14 +132,20 @@ def botorch_candidates(space: SearchSpace, startup: int, seed: int):
             unit[1] = 1
             eq = [space.constraint(bounds)]
             calls["n"] += 1
-            if train_x.shape[0] < startup:
+            x = None
+            if train_x.shape[0] >= startup:
+                try:
+                    gp = SingleTaskGP(normalize(train_x, bounds), train_obj, outcome_transform=Standardize(m=1))
+                    fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+                    acqf = LogExpectedImprovement(gp, best_f=train_obj.max())
+                    x, _ = optimize_acqf(acqf, bounds=unit, q=1, num_restarts=8, raw_samples=256,
+                                         equality_constraints=eq, options={"maxiter": 200, "batch_limit": 8})
+                except (CandidateGenerationError, RuntimeError, ValueError) as exc:
+                    # one failed acquisition optimisation must not stop a worker: explore instead
+                    warnings.warn(f"BoTorch could not optimise the acquisition ({exc}); "
+                                  "drawing this trial at random from the budget polytope")
+            if x is None:
                 x = get_polytope_samples(1, unit, equality_constraints=eq, seed=seed + calls["n"], n_burnin=200)
-            else:
-                gp = SingleTaskGP(normalize(train_x, bounds), train_obj, outcome_transform=Standardize(m=1))
-                fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
-                acqf = LogExpectedImprovement(gp, best_f=train_obj.max())
-                x, _ = optimize_acqf(acqf, bounds=unit, q=1, num_restarts=8, raw_samples=256,
-                                     equality_constraints=eq, options={"maxiter": 200, "batch_limit": 8})
             return unnormalize(x.detach().clamp(0, 1), bounds)
         finally:
             torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_p
     budget = comp.budget
     target = budget.target(0.3)
     trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    space = search.SearchSpace.from_study(ws.study, ws.adapter, budget)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     for t in trials:
         ranks = t.user_attrs["ranks"]
@@ -40,6 +41,9 @@ def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_p
     assert trials[0].user_attrs["allocation"] == "uniform"
     assert len(set(trials[0].params.values())) == 1
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 5   # BoTorch proposes new points
+    for t in trials:   # and every proposal lies on the budget hyperplane before rounding
+        x = torch.tensor([t.params[n] for n in space.names], dtype=torch.float64)
+        assert float(space.coefficients() @ x) == pytest.approx(space.rhs, rel=1e-4)
     # a heat map per completed trial in the artifact store
     assert len(list((tmp_path / "artifacts").iterdir())) == 5
 
@@ -105,3 +109,21 @@ def test_kl_term_enters_the_objective(tmp_path):
     for t in opt.trials:
         assert t.user_attrs["search_kl"] > 0
         assert t.value == pytest.approx(t.user_attrs["search_ppl"] + 10.0 * t.user_attrs["search_kl"])
+
+
+def test_a_failed_acquisition_optimisation_falls_back_to_the_polytope(tmp_path, monkeypatch):
+    import botorch.optim
+    from botorch.exceptions.errors import CandidateGenerationError
+
+    def fail(*args, **kwargs):
+        raise CandidateGenerationError("Optimization failed: Iteration limit reached")
+
+    monkeypatch.setattr(botorch.optim, "optimize_acqf", fail)
+    ws, comp = tiny_workspace(tmp_path, startup=1)
+    with pytest.warns(UserWarning, match="could not optimise the acquisition"):
+        opt = search.run(ws, comp, create=True, trials=3, artifacts=None)
+    assert [t.state for t in opt.trials] == [TrialState.COMPLETE] * 3
+    space = search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
+    for t in opt.trials[1:]:   # fallback points lie on the budget hyperplane
+        x = torch.tensor([t.params[n] for n in space.names], dtype=torch.float64)
+        assert float(space.coefficients() @ x) == pytest.approx(space.rhs, rel=1e-6)
