@@ -46,17 +46,10 @@ def main():
     budget = comp.budget
     target = budget.target(base.remove)
 
-    def test_ppl(ranks):
+    def ppl(ranks, role="test"):
         comp.apply(ranks)
         try:
-            return perplexity(ws.model, ws.data["test"], base.batch_size, desc="test").ppl
-        finally:
-            comp.restore()
-
-    def search_ppl(ranks):
-        comp.apply(ranks)
-        try:
-            return perplexity(ws.model, ws.data["search"], base.batch_size, desc="search").ppl
+            return perplexity(ws.model, ws.data[role], base.batch_size, desc=role).ppl
         finally:
             comp.restore()
 
@@ -66,8 +59,8 @@ def main():
     hand = budget.fit({lid: (0.5 if lid.endswith((".q", ".k", ".o")) else 1.0)
                        for lid in budget.linears if not lid.endswith(".v")}, target)
     rows = [["dense", "-", dense_search, dense_test, "-", "-", "-", "-", "-"],
-            ["uniform", "-", search_ppl(uniform), test_ppl(uniform), "-", "-", "-", "-", "-"],
-            ["hand-made (q,k,o at half the MLP ratio, v dense)", "-", search_ppl(hand), test_ppl(hand),
+            ["uniform", "-", ppl(uniform, "search"), ppl(uniform), "-", "-", "-", "-", "-"],
+            ["hand-made (q,k,o at half the MLP ratio, v dense)", "-", ppl(hand, "search"), ppl(hand),
              "-", "-", "-", "-", "-"]]
     curves = {}
     for sampler in args.samplers:
@@ -83,7 +76,7 @@ def main():
         best = min(done, key=lambda tr: tr.value)
         sampling = {n: done[n - 1].user_attrs["seconds_sampling"] for n in (10, 30, 60) if n <= len(done)}
         first_30 = curve[min(29, len(curve) - 1)]
-        rows.append([sampler, len(done), best.value, test_ppl({k: int(v) for k, v in best.user_attrs["ranks"].items()}),
+        rows.append([sampler, len(done), best.value, ppl({k: int(v) for k, v in best.user_attrs["ranks"].items()}),
                      best.number, first_30, *(f"{sampling[n]:.2f}" if n in sampling else "-" for n in (10, 30, 60))])
         print(f"{sampler}: best search ppl {best.value:.2f} at trial {best.number}, wall {wall:.0f} s (this run)")
     print_table(f"BO study on SmolLM2, remove {base.remove:.0%} of the decomposable parameters, search "

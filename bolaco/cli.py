@@ -16,13 +16,13 @@ from .errors import BolacoError
 def _study(args):
     from .study import load_study
     study = load_study(args.study)
-    return study.with_overrides(model=getattr(args, "model", None), data_dir=getattr(args, "data_dir", None),
-                                cache_dir=getattr(args, "cache_dir", None))
+    return study.with_overrides(model=args.model, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                                storage=args.storage)
 
 
 def cmd_collect(args) -> None:
     from .workspace import Workspace
-    ws = Workspace.open(_study(args))
+    ws = Workspace.open(_study(args), device=args.device)
     t = time.perf_counter()
     cache = ws.covariances()
     print(f"covariance cache complete: {cache.store.root} ({time.perf_counter() - t:.0f} s)")
@@ -33,7 +33,7 @@ def cmd_compress(args) -> None:
     if not args.uniform:
         raise BolacoError("compress needs an allocation: --uniform (the searched allocations come from `bolaco search`)")
     study = _study(args).with_overrides(method=args.method, remove=args.remove)
-    ws = Workspace.open(study)
+    ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
     ranks = comp.budget.uniform(study.remove)
     ws.export(comp, ranks, args.out or f"out/{study.name}-uniform", {"allocation": "uniform"})
@@ -42,7 +42,7 @@ def cmd_compress(args) -> None:
 def cmd_export(args) -> None:
     from .search import best_ranks, study_name
     from .workspace import Workspace
-    study = _study(args).with_overrides(storage=args.storage)
+    study = _study(args)
     if args.ranks:
         try:
             ranks = {str(k): int(v) for k, v in json.loads(open(args.ranks).read()).items()}
@@ -53,7 +53,7 @@ def cmd_export(args) -> None:
         ranks, best = best_ranks(study)
         extra = {"allocation": f"best trial {best.number} of study {study_name(study)}",
                  "search_ppl_at_search_time": best.value}
-    ws = Workspace.open(study)
+    ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
     ws.export(comp, ranks, args.out or f"out/{study.name}", extra)
 
@@ -61,7 +61,7 @@ def cmd_export(args) -> None:
 def _search(args, create: bool) -> None:
     from . import search
     from .workspace import Workspace
-    study = _study(args).with_overrides(storage=args.storage)
+    study = _study(args)
     if args.sampler:
         study = study.with_overrides(search=dataclasses.replace(study.search, sampler=args.sampler))
     search.open_storage(study.storage)   # fail fast on a bad URL, before loading the model
@@ -85,7 +85,7 @@ def cmd_worker(args) -> None:
 def cmd_dashboard(args) -> None:
     import os
     from pathlib import Path
-    study = _study(args).with_overrides(storage=args.storage)
+    study = _study(args)
     exe = Path(sys.executable).with_name("optuna-dashboard")
     cmd = [str(exe), study.storage, "--host", args.host, "--port", str(args.port), "--artifact-dir", args.artifact_dir]
     print("running", " ".join(cmd), flush=True)
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="override the study's model (HF id, directory, .gguf file or 'default')")
         s.add_argument("--data-dir", help="folder with the corpora that are not shipped (default ../shared/data)")
         s.add_argument("--cache-dir", help="override the cache folder (default storage/cache)")
+        s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...)")
+        s.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
         s.set_defaults(func=func)
         return s
 
@@ -183,16 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     x = study_command("export", "write the compressed model of the study's best trial (or of a rank map)",
                       cmd_export)
     x.add_argument("--ranks", help="JSON file with a rank map {\"block.type\": rank} instead of the best trial")
-    x.add_argument("--storage", help="override the study storage URL")
     x.add_argument("--out", help="output folder (default out/<study>)")
 
     for name, func, help_ in (("search", cmd_search, "create or resume the BO study and run its trials"),
                               ("worker", cmd_worker, "join an existing study (any machine) and run trials")):
         w = study_command(name, help_, func)
-        w.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...)")
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
         w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
-        w.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
 
     f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",
                       cmd_finetune)
@@ -200,10 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--variant", help="lora or scaling (default: the study file's)")
     f.add_argument("--steps", type=int, help="optimizer steps (default: the study file's)")
     f.add_argument("--out", help="output folder (default <from>-ft-<variant>)")
-    f.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
 
     d = study_command("dashboard", "optuna-dashboard on the study storage", cmd_dashboard)
-    d.add_argument("--storage", help="override the study storage URL")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--artifact-dir", default="storage/artifacts")

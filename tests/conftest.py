@@ -43,3 +43,14 @@ def tokenizer():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def uniform_compressor(model, calibration, cache_dir, method="feature", multiple=4, partitions=1):
+    """Collect, build bases and return (adapter, compressor) for `model` (the real pipeline, tiny sizes)."""
+    from bolaco.arch import Adapter
+    from bolaco.collect import collect
+    from bolaco.decompose import Compressor, build_bases, make_budget
+    adapter = Adapter(model)
+    cov = collect(model, calibration, cache_dir, partitions=partitions, progress=False)
+    return adapter, Compressor(adapter, build_bases(adapter, cov, method, progress=False),
+                               make_budget(adapter, method, multiple=multiple))

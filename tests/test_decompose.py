@@ -1,12 +1,10 @@
 import pytest
 import torch
 
-from bolaco.arch import Adapter
 from bolaco.collect import collect
-from bolaco.decompose import (METHODS, Compressor, LowRankLinear, build_bases, lowrank_factors, make_budget,
-                              output_basis)
+from bolaco.decompose import METHODS, LowRankLinear, build_bases, lowrank_factors, output_basis
 from bolaco.export import count_params
-from conftest import tiny_model
+from conftest import tiny_model, uniform_compressor
 
 
 def _data(d_in=12, d_out=10, n=400, seed=0):
@@ -83,15 +81,12 @@ def test_full_rank_reproduces_the_dense_layer(method):
 def compressed(family, tmp_path):
     model = tiny_model(family)
     calibration = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(4))
-    cov = collect(model, calibration, tmp_path, partitions=2, progress=False)
-    adapter = Adapter(model)
-    bases = build_bases(adapter, cov, "feature", progress=False)
-    budget = make_budget(adapter, "feature", multiple=4)
-    return model, adapter, cov, Compressor(adapter, bases, budget), calibration
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, partitions=2)
+    return model, adapter, comp, calibration
 
 
 def test_parameter_counts_and_bias_match_the_modified_model(compressed):
-    model, adapter, cov, comp, calibration = compressed
+    model, adapter, comp, calibration = compressed
     other = count_params(model) - comp.budget.decomposable
     ranks = comp.budget.uniform(0.3)
     assert ranks
@@ -117,7 +112,7 @@ def test_parameter_counts_and_bias_match_the_modified_model(compressed):
 
 
 def test_apply_then_restore_is_bit_identical(compressed):
-    model, adapter, cov, comp, calibration = compressed
+    model, adapter, comp, calibration = compressed
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = calibration[:2]
     with torch.no_grad():
@@ -133,7 +128,8 @@ def test_apply_then_restore_is_bit_identical(compressed):
 
 
 def test_bases_cache_is_reused_and_verified(compressed, tmp_path):
-    model, adapter, cov, comp, _ = compressed
+    model, adapter, comp, calibration = compressed
+    cov = collect(model, calibration, tmp_path, partitions=2, progress=False)   # the cached run
     again = build_bases(adapter, cov, "feature", progress=False)
     assert again.store.complete and again.store.root == comp.bases.store.root
     parts = again.parts("1.up", 5)

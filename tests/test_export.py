@@ -4,10 +4,9 @@ import torch
 
 import bolaco
 from bolaco.arch import Adapter
-from bolaco.collect import collect
-from bolaco.decompose import Compressor, LowRankLinear, build_bases, make_budget
+from bolaco.decompose import LowRankLinear
 from bolaco.export import count_params, export
-from conftest import tiny_model
+from conftest import tiny_model, uniform_compressor
 
 
 def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, tokenizer):
@@ -16,10 +15,7 @@ def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, token
     dense_dir = tmp_path / "dense"
     model.save_pretrained(dense_dir)
     calibration = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
-    adapter = Adapter(model)
-    cov = collect(model, calibration, tmp_path / "cache", progress=False)
-    comp = Compressor(adapter, build_bases(adapter, cov, "feature", progress=False),
-                      make_budget(adapter, "feature", multiple=4))
+    _, comp = uniform_compressor(model, calibration, tmp_path / "cache")
     ranks = comp.budget.uniform(0.3)
     comp.apply(ranks)
     out = export(model, tokenizer, ranks, tmp_path / "out", {"method": "feature", "remove": 0.3})

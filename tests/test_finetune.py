@@ -2,23 +2,18 @@ import pytest
 import torch
 
 from bolaco.arch import Adapter
-from bolaco.collect import collect
-from bolaco.decompose import Compressor, build_bases, make_budget
 from bolaco.errors import BolacoError
 from bolaco.export import count_params, export
 from bolaco.finetune import SubspaceTuner, _Checkpoint
 from bolaco.study import FinetuneConfig
-from conftest import tiny_model
+from conftest import tiny_model, uniform_compressor
 
 SEQS = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(7))
 
 
 def compressed_model(tmp_path, family="qwen2"):
     model = tiny_model(family)
-    adapter = Adapter(model)
-    cov = collect(model, SEQS, tmp_path / "cache", progress=False)
-    comp = Compressor(adapter, build_bases(adapter, cov, "feature", progress=False),
-                      make_budget(adapter, "feature", multiple=4))
+    _, comp = uniform_compressor(model, SEQS, tmp_path / "cache")
     ranks = comp.budget.uniform(0.3)
     comp.apply(ranks)
     for p in model.parameters():   # the factors as exported models carry them: ordinary parameters
