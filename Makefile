@@ -14,7 +14,7 @@ TRIALS ?=
 PORT ?= 8080
 STORAGE_FLAG = $(if $(STORAGE),--storage $(STORAGE))
 
-.PHONY: setup test collect compress study worker dashboard export finetune eval clean-cache
+.PHONY: setup test collect compress study worker dashboard export finetune surgical eval clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ dashboard:
 
 export:
 	$(BIN)/bolaco export --study $(STUDY) $(STORAGE_FLAG) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
+
+surgical:
+	$(BIN)/bolaco surgical --study $(STUDY) $(STORAGE_FLAG)
 
 finetune:
 	$(BIN)/bolaco finetune --study $(STUDY) $(if $(OUT),--out $(OUT))

@@ -82,6 +82,21 @@ def cmd_worker(args) -> None:
     _search(args, create=False)
 
 
+def cmd_surgical(args) -> None:
+    from . import surgical
+    from .workspace import Workspace
+    study = _study(args)
+    ws = Workspace.open(study, device=args.device)
+    comp = ws.compressor()
+    t = time.perf_counter()
+    ranks, summary = surgical.run(ws, comp)
+    summary["seconds"] = round(time.perf_counter() - t, 1)
+    print(f"surgical: {summary['evaluations']} evaluations, {summary['seconds']:.0f} s, removed "
+          f"{summary['removed']:.2%} of the decomposable parameters"
+          + ("" if summary["reached_budget"] else f" (the metric forbids more; budget was {study.remove:.0%})"))
+    ws.export(comp, ranks, args.out or f"out/{study.name}-surgical", {"allocation": "surgical (SFSD)", "surgical": summary})
+
+
 def cmd_dashboard(args) -> None:
     import os
     from pathlib import Path
@@ -192,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         w = study_command(name, help_, func)
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
         w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
+
+    g = study_command("surgical", "SFSD greedy rank search (perplexity metric), then export", cmd_surgical)
+    g.add_argument("--out", help="output folder (default out/<study>-surgical)")
 
     f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",
                       cmd_finetune)

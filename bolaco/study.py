@@ -20,6 +20,17 @@ FINETUNE_VARIANTS = ("lora", "scaling")
 
 
 @dataclass(frozen=True)
+class SurgicalConfig:
+    """SFSD greedy search (bolaco surgical)."""
+    delta: float = 0.01
+    higher_is_better: bool = False     # False: perplexity; True: accuracy
+    start_block: int | None = None     # default: the last block
+    backwards: bool = True
+    types: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Post-training in the low-rank subspace (bolaco finetune)."""
     variant: str = "lora"            # lora (peft on every `down` factor) or scaling (diagonal scalings)
@@ -66,6 +77,7 @@ class Study:
     cache_dir: str = "storage/cache"
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    surgical: SurgicalConfig = field(default_factory=SurgicalConfig)
     path: str | None = None
 
     def with_overrides(self, **kw) -> "Study":
@@ -94,7 +106,7 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"study file {path} must be a YAML mapping")
     where = f"study file {path}"
     top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search",
-           "finetune"}
+           "finetune", "surgical"}
     unknown = set(raw) - top
     if unknown:
         raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
@@ -112,6 +124,7 @@ def load_study(path: str | Path) -> Study:
     decompose = _section(raw, "decompose", {"method", "rank_multiple"}, where)
     search = _section(raw, "search", {f.name for f in fields(SearchConfig)}, where)
     finetune = _section(raw, "finetune", {f.name for f in fields(FinetuneConfig)}, where)
+    surgical = _section(raw, "surgical", {f.name for f in fields(SurgicalConfig)}, where)
     try:
         search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
                                      "dense": tuple(str(t) for t in search.get("dense", ()))})
@@ -121,7 +134,10 @@ def load_study(path: str | Path) -> Study:
                       remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
                       rank_multiple=int(decompose.get("rank_multiple", 8)),
                       storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
-                      search=search_cfg, finetune=FinetuneConfig(**finetune), path=str(path))
+                      search=search_cfg, finetune=FinetuneConfig(**finetune),
+                      surgical=SurgicalConfig(**{**surgical, **{k: tuple(surgical[k]) for k in ("types", "fractions")
+                                                                if k in surgical}}),
+                      path=str(path))
     except (TypeError, ValueError) as exc:
         raise BolacoError(f"{where}: {exc}")
     if study.method not in METHODS:

@@ -1,0 +1,95 @@
+import optuna
+import pytest
+import torch
+
+from bolaco.errors import BolacoError
+from bolaco.study import SurgicalConfig
+from bolaco.surgical import module_order, perplexity_metric, rank_grid, surgical_search
+from conftest import tiny_model, uniform_compressor
+from test_search import tiny_workspace
+
+
+def synthetic(comp, tolerated, verify_fails=()):
+    """A metric that only looks at the current ranks: each module has a smallest tolerated rank; a module
+    below it costs 10 points; modules in verify_fails cost points on the verification chunk only."""
+    calls = []
+
+    def metric(chunk):
+        ranks = comp.ranks
+        calls.append((chunk, dict(ranks)))
+        bad = sum(1 for lid, k in ranks.items() if k < tolerated.get(lid, 0))
+        bad += sum(1 for lid in ranks if chunk == "verify" and lid in verify_fails)
+        return 100.0 - 10 * bad
+    return metric, calls
+
+
+@pytest.fixture
+def comp(tmp_path):
+    model = tiny_model("llama", layers=2)
+    calibration = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    return uniform_compressor(model, calibration, tmp_path, multiple=2)[1]
+
+
+def test_greedy_picks_the_smallest_tolerated_rank_and_reverts_failed_verifications(comp):
+    cfg = SurgicalConfig(delta=0.5, higher_is_better=True, types=("q", "up"))
+    assert module_order(comp.adapter, cfg) == ["1.q", "1.up", "0.q", "0.up"]
+    grid_q = rank_grid(comp, "1.q", cfg)
+    assert grid_q[0] == 1 and grid_q == sorted(set(grid_q)) and grid_q[-1] <= comp.budget.max_rank("1.q", 1)
+    tolerated = {"1.q": grid_q[3], "1.up": 10**6, "0.q": 1}
+    metric, calls = synthetic(comp, tolerated, verify_fails={"0.q"})
+    ranks, summary = surgical_search(comp, metric, cfg, target=0)
+    # 1.q: smallest rank whose metric stays within delta; 1.up: never tolerated (dense);
+    # 0.q: passes on the search chunk at rank 1 but fails verification, so it is reverted
+    assert ranks == {"1.q": grid_q[3], "0.up": 1}
+    assert summary["evaluations"] == len(calls) and not summary["reached_budget"]
+    assert all(k == 1 for k in [ranks["0.up"]])
+    assert comp.ranks == {}   # the model is left dense
+
+
+def test_stops_at_the_budget_and_resumes_from_the_recorded_probes(comp, tmp_path):
+    cfg = SurgicalConfig(delta=0.5, higher_is_better=True)
+    target = comp.budget.decomposable - 1   # any compressed module reaches it
+    storage = f"sqlite:///{tmp_path}/s.db"
+    metric, calls = synthetic(comp, {})
+    study = optuna.create_study(study_name="s", storage=storage)
+    ranks, summary = surgical_search(comp, metric, cfg, target, study=study, progress=False)
+    assert len(ranks) == 1 and summary["reached_budget"]
+    probes = study.get_trials()
+    assert [t.user_attrs["chunk"] for t in probes] == ["search", "verify", "search", "verify"]
+    assert probes[2].user_attrs == {"module": "1.q", "rank": 1, "chunk": "search", "accepted": True}
+
+    again, calls_again = synthetic(comp, {})
+    ranks2, summary2 = surgical_search(comp, again, cfg, target, study=optuna.load_study(study_name="s",
+                                                                                         storage=storage))
+    assert ranks2 == ranks and calls_again == []          # every probe was replayed, none evaluated
+    with pytest.raises(BolacoError, match="do not match"):
+        surgical_search(comp, again, SurgicalConfig(delta=0.5, higher_is_better=True, types=("v",)), target,
+                        study=optuna.load_study(study_name="s", storage=storage))
+
+
+def test_perplexity_variant_and_disjoint_chunks(tmp_path):
+    ws, comp = tiny_workspace(tmp_path)
+    metric = perplexity_metric(ws)
+    search_rows = {tuple(r.tolist()) for r in ws.data["search"][:2]}
+    verify_rows = {tuple(r.tolist()) for r in ws.data["search"][2:]}
+    assert search_rows.isdisjoint(verify_rows)
+    cfg = SurgicalConfig(delta=0.05, types=("q", "k"))
+    ranks, summary = surgical_search(comp, metric, cfg, target=0, progress=False)
+    dense = summary["dense"]
+    assert ranks and summary["evaluations"] >= 2 + 2 * len(ranks)
+    comp.apply(ranks)   # the final allocation is the last one verified: within the geometric tolerance
+    for chunk in ("search", "verify"):
+        assert metric(chunk) <= dense[chunk] * (1 + cfg.delta) ** len(ranks)
+
+
+def test_study_run_logs_probes_in_the_store_and_resumes(tmp_path):
+    from bolaco import surgical
+    ws, comp = tiny_workspace(tmp_path)
+    ranks, summary = surgical.run(ws, comp, progress=False)
+    probes = optuna.load_study(study_name="tiny-surgical", storage=ws.study.storage).get_trials()
+    assert len(probes) == summary["evaluations"]
+    assert {t.user_attrs["module"] for t in probes if t.user_attrs["accepted"] and t.user_attrs["chunk"] == "verify"} \
+        >= set(ranks)
+    again, summary2 = surgical.run(ws, comp, progress=False)
+    assert again == ranks and summary2 == summary
+    assert len(optuna.load_study(study_name="tiny-surgical", storage=ws.study.storage).get_trials()) == len(probes)
