@@ -241,8 +241,9 @@ class Objective:
         self._last_end = time.perf_counter()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        sampled = time.perf_counter() - self._last_end
+        # Optuna samples relative parameters lazily, at the first suggest: the GP fit happens in this loop
         point = {name: trial.suggest_float(name, self.space.r_min, 1.0) for name in self.space.names}
+        sampled = time.perf_counter() - self._last_end
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         torch.set_num_threads(self.eval_threads)
         try:
