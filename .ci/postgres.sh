@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install PostgreSQL from Debian's packages (if missing) and start a throw-away cluster on 127.0.0.1:5432
-# with user/password bolaco and database bolaco_test. Prints the SQLAlchemy URL for the tests.
+# Install PostgreSQL from Debian's packages (if missing) and start a throw-away cluster on 127.0.0.1
+# (port 55432) with user/password bolaco and database bolaco_test. Prints the SQLAlchemy URL for the tests.
 set -euo pipefail
-PGPORT=${PGPORT:-5432}
+PGPORT=${PGPORT:-55432}   # not 5432: a Debian install may start its own cluster there
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
