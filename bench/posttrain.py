@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bolaco.data import RoleSpec, role_sequences
+from bolaco.data import role_sequences
 from bolaco.export import count_params, export, load_compressed
 from bolaco.finetune import SubspaceTuner
 from bolaco.perplexity import perplexity

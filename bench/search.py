@@ -13,8 +13,6 @@ import argparse
 import dataclasses
 import time
 
-import optuna
-import torch
 from optuna.trial import TrialState
 
 from bolaco import search

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import RECORD_OF_TYPE, Adapter, parse_linear_id
+from .arch import Adapter, parse_linear_id
 from .budget import Budget, RankMap
 from .collect import CovarianceCache
 from .errors import BolacoError

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .arch import Adapter
 from .decompose import LowRankLinear
 from .errors import BolacoError
-from .store import _atomic_write
+from .store import atomic_write
 from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
 
 class DiagonalScaling(nn.Module):
@@ -68,8 +68,8 @@ class _Checkpoint:
         for i, p in enumerate(trainable.values()):
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"adam.{i}.{key}"] = value.detach().cpu().reshape(-1).contiguous()
-        _atomic_write(self.folder / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-        _atomic_write(self.folder / "state.json",
+        atomic_write(self.folder / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write(self.folder / "state.json",
                       lambda tmp: Path(tmp).write_text(json.dumps({"step": step, "losses": losses})))
 
     def load(self, trainable: dict[str, nn.Parameter], optimizer) -> tuple[int, list[float]]:

@@ -10,7 +10,6 @@ projected exactly onto the budget by `Budget.fit` (scale, round to multiples, to
 from __future__ import annotations
 
 import io
-import math
 import os
 import socket
 import time

@@ -25,7 +25,7 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -39,7 +39,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def _sha256(path: Path) -> str:
@@ -99,7 +99,7 @@ class BlockStore:
 
     def write(self, block: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self.block_path(block)
-        _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         index = self._index()
         index[str(block)] = _sha256(path)
         _write_json(self._index_path, index)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable
 
 import optuna
-import torch
 from optuna.distributions import IntDistribution
 
 from .arch import TYPES, Adapter, linear_id

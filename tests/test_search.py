@@ -1,6 +1,4 @@
-import dataclasses
 
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
