@@ -45,9 +45,9 @@ def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_p
     # a heat map per completed trial in the artifact store
     assert len(list((tmp_path / "artifacts").iterdir())) == 5
 
-    again = search.run(ws, comp, create=True, trials=5)
+    again = search.run(ws, comp, create=True, trials=5, artifacts=str(tmp_path / "artifacts"))
     assert len(again.trials) == 5                        # nothing redone
-    more = search.run(ws, comp, create=False, trials=8)  # a worker joining the study continues the numbering
+    more = search.run(ws, comp, create=False, trials=8, artifacts=str(tmp_path / "artifacts"))  # a joining worker
     assert [t.number for t in more.get_trials(states=(TrialState.COMPLETE,))] == list(range(8))
     ranks, best = search.best_ranks(ws.study)
     assert best.value == min(t.value for t in more.trials) and ranks == best.user_attrs["ranks"]
