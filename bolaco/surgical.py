@@ -6,7 +6,9 @@ and the smallest whose metric on the search chunk stays within tolerance of the 
 if it also passes on a second, disjoint verification chunk; otherwise the module stays dense. The
 search stops once the parameter budget is met. Tolerance: for accuracy-like metrics (higher is better)
 metric >= dense - delta; for perplexity (lower is better) metric <= dense * (1 + delta) ** (accepted + 1),
-SFSD's geometric allowance that grows with the number of modules already compressed.
+SFSD's geometric allowance that grows with the number of modules already compressed. The metric is the
+search-split perplexity or the accuracy of a zero-shot task (bolaco.tasks), each cut into two disjoint
+halves: "search" and "verify".
 
 Every probe is an Optuna trial of its own study in the same store (user attrs: module, rank, chunk,
 metric, accepted), so the dashboard shows the search, and a rerun replays the recorded probes instead of
@@ -50,13 +52,16 @@ def rank_grid(comp: Compressor, lid: str, cfg: SurgicalConfig) -> list[int]:
 
 
 def run(ws, comp, progress: bool = True) -> tuple[RankMap, dict]:
-    """The study's surgical search with the perplexity metric, probes logged in the study store."""
+    """The study's surgical search, probes logged in the study store as `<study>-surgical-<metric>`."""
     from .search import open_storage
     cfg = ws.study.surgical
-    name = f"{ws.study.name}-surgical"
-    study = optuna.create_study(study_name=name, storage=open_storage(ws.study.storage), load_if_exists=True)
+    name = f"{ws.study.name}-surgical-{cfg.metric}"
+    study = optuna.create_study(study_name=name, storage=open_storage(ws.study.storage), load_if_exists=True,
+                                direction="minimize" if cfg.metric == "ppl" else "maximize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return surgical_search(comp, perplexity_metric(ws), cfg, comp.budget.target(ws.study.remove), study, progress)
+    metric = perplexity_metric(ws) if cfg.metric == "ppl" else task_metric(ws, cfg.metric, cfg.task_rows)
+    return surgical_search(comp, metric, cfg, comp.budget.target(ws.study.remove), study, progress,
+                           higher_is_better=cfg.metric != "ppl")
 
 
 class _ProbeLog:
@@ -91,7 +96,8 @@ class _ProbeLog:
 
 
 def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, target: int,
-                    study: optuna.Study | None = None, progress: bool = True) -> tuple[RankMap, dict]:
+                    study: optuna.Study | None = None, progress: bool = True,
+                    higher_is_better: bool = False) -> tuple[RankMap, dict]:
     """Greedy SFSD search; returns (rank map, summary). `target` is the parameter budget to reach."""
     from tqdm.auto import tqdm
     adapter, budget = comp.adapter, comp.budget
@@ -103,7 +109,7 @@ def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, targe
     evaluations = 2
 
     def within(value: float, chunk: str) -> bool:
-        if cfg.higher_is_better:
+        if higher_is_better:
             return value >= dense[chunk] - cfg.delta
         return value <= dense[chunk] * (1 + cfg.delta) ** (len(ranks) + 1)
 
@@ -139,3 +145,14 @@ def perplexity_metric(ws, batch_size: int | None = None) -> Metric:
     half = len(seqs) // 2
     chunks = {"search": seqs[:half], "verify": seqs[half:]}
     return lambda chunk: perplexity(ws.model, chunks[chunk], batch_size or ws.study.batch_size, progress=False).ppl
+
+
+def task_metric(ws, task: str, rows: int, seed: int = 0) -> Metric:
+    """Zero-shot accuracy on `rows` seeded rows of a local task, cut in two disjoint halves."""
+    from .tasks import accuracy, load_task, split
+    search_rows, _test_rows = split(load_task(task, ws.study.data_dir), rows, seed)
+    if len(search_rows) < 2:
+        raise BolacoError(f"surgical search needs at least 2 rows of task '{task}'")
+    half = len(search_rows) // 2
+    chunks = {"search": search_rows[:half], "verify": search_rows[half:]}
+    return lambda chunk: accuracy(ws.model, ws.tokenizer, chunks[chunk])["acc"]

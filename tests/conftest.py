@@ -1,5 +1,7 @@
 """Tiny randomly initialised LLaMA-, Mistral- and Qwen2-shaped models and a byte-level tokenizer, built in code."""
 
+import os
+
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -7,6 +9,10 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreT
                           Qwen2Config)
 
 from bolaco.data import read_text
+
+# nothing is ever fetched from a hub (lm-eval and datasets would try without these)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

@@ -31,13 +31,13 @@ def comp(tmp_path):
 
 
 def test_greedy_picks_the_smallest_tolerated_rank_and_reverts_failed_verifications(comp):
-    cfg = SurgicalConfig(delta=0.5, higher_is_better=True, types=("q", "up"))
+    cfg = SurgicalConfig(delta=0.5, types=("q", "up"))
     assert module_order(comp.adapter, cfg) == ["1.q", "1.up", "0.q", "0.up"]
     grid_q = rank_grid(comp, "1.q", cfg)
     assert grid_q[0] == 1 and grid_q == sorted(set(grid_q)) and grid_q[-1] <= comp.budget.max_rank("1.q", 1)
     tolerated = {"1.q": grid_q[3], "1.up": 10**6, "0.q": 1}
     metric, calls = synthetic(comp, tolerated, verify_fails={"0.q"})
-    ranks, summary = surgical_search(comp, metric, cfg, target=0)
+    ranks, summary = surgical_search(comp, metric, cfg, target=0, higher_is_better=True)
     # 1.q: smallest rank whose metric stays within delta; 1.up: never tolerated (dense);
     # 0.q: passes on the search chunk at rank 1 but fails verification, so it is reverted
     assert ranks == {"1.q": grid_q[3], "0.up": 1}
@@ -47,12 +47,12 @@ def test_greedy_picks_the_smallest_tolerated_rank_and_reverts_failed_verificatio
 
 
 def test_stops_at_the_budget_and_resumes_from_the_recorded_probes(comp, tmp_path):
-    cfg = SurgicalConfig(delta=0.5, higher_is_better=True)
+    cfg = SurgicalConfig(delta=0.5)
     target = comp.budget.decomposable - 1   # any compressed module reaches it
     storage = f"sqlite:///{tmp_path}/s.db"
     metric, calls = synthetic(comp, {})
     study = optuna.create_study(study_name="s", storage=storage)
-    ranks, summary = surgical_search(comp, metric, cfg, target, study=study, progress=False)
+    ranks, summary = surgical_search(comp, metric, cfg, target, study=study, progress=False, higher_is_better=True)
     assert len(ranks) == 1 and summary["reached_budget"]
     probes = study.get_trials()
     assert [t.user_attrs["chunk"] for t in probes] == ["search", "verify", "search", "verify"]
@@ -60,11 +60,12 @@ def test_stops_at_the_budget_and_resumes_from_the_recorded_probes(comp, tmp_path
 
     again, calls_again = synthetic(comp, {})
     ranks2, summary2 = surgical_search(comp, again, cfg, target, study=optuna.load_study(study_name="s",
-                                                                                         storage=storage))
+                                                                                         storage=storage),
+                                       higher_is_better=True)
     assert ranks2 == ranks and calls_again == []          # every probe was replayed, none evaluated
     with pytest.raises(BolacoError, match="do not match"):
-        surgical_search(comp, again, SurgicalConfig(delta=0.5, higher_is_better=True, types=("v",)), target,
-                        study=optuna.load_study(study_name="s", storage=storage))
+        surgical_search(comp, again, SurgicalConfig(delta=0.5, types=("v",)), target,
+                        study=optuna.load_study(study_name="s", storage=storage), higher_is_better=True)
 
 
 def test_perplexity_variant_and_disjoint_chunks(tmp_path):
@@ -86,10 +87,10 @@ def test_study_run_logs_probes_in_the_store_and_resumes(tmp_path):
     from bolaco import surgical
     ws, comp = tiny_workspace(tmp_path)
     ranks, summary = surgical.run(ws, comp, progress=False)
-    probes = optuna.load_study(study_name="tiny-surgical", storage=ws.study.storage).get_trials()
+    probes = optuna.load_study(study_name="tiny-surgical-ppl", storage=ws.study.storage).get_trials()
     assert len(probes) == summary["evaluations"]
     assert {t.user_attrs["module"] for t in probes if t.user_attrs["accepted"] and t.user_attrs["chunk"] == "verify"} \
         >= set(ranks)
     again, summary2 = surgical.run(ws, comp, progress=False)
     assert again == ranks and summary2 == summary
-    assert len(optuna.load_study(study_name="tiny-surgical", storage=ws.study.storage).get_trials()) == len(probes)
+    assert len(optuna.load_study(study_name="tiny-surgical-ppl", storage=ws.study.storage).get_trials()) == len(probes)
