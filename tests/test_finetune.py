@@ -86,3 +86,27 @@ def test_finetune_command_refuses_test_data_and_missing_models(tmp_path, capsys)
                     {"wikitext2-test": 100})
     check_roles({"train": RoleSpec("wikitext2-valid", 0, 8), "calibration": RoleSpec("wikitext2-valid", 0, 8)},
                 {"wikitext2-valid": 100})    # post-training may reuse the calibration text
+
+
+def test_finetune_command_end_to_end(tmp_path, tokenizer):
+    import json
+    from bolaco.cli import main
+    model = tiny_model("mistral", vocab_size=len(tokenizer))
+    calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    _, comp = uniform_compressor(model, calibration, tmp_path / "cache")
+    ranks = comp.budget.uniform(0.3)
+    comp.apply(ranks)
+    src = export(model, tokenizer, ranks, tmp_path / "exported", {"method": "feature"})
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nseq_len: 16\ncache_dir: {tmp_path}/cache\ndata:\n"
+                     "  calibration: {corpus: wikitext2-valid, start: 0, sequences: 8}\n"
+                     "  search: {corpus: wikitext2-valid, start: -4, sequences: 4}\n"
+                     "  test: {corpus: wikitext2-test, start: 0, sequences: 4}\n"
+                     "finetune: {steps: 3, batch_size: 2, lr: 0.01, warmup: 0, checkpoint_every: 2}\n")
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--study", str(study), "--from", str(src), "--out", str(out)]) == 0
+    meta = json.loads((out / "bolaco.json").read_text())
+    assert meta["ranks"] == ranks and meta["params"] == count_params(model)
+    assert set(meta["finetune"]["perplexity_before"]) == {"search", "test"}
+    assert meta["finetune"]["tokens"] == 3 * 2 * 16
+    assert (out / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
