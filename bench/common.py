@@ -24,3 +24,13 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     for r in rows:
         print("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in r) + " |")
     print(f"\ncommand: {' '.join(['python'] + sys.argv)}")
+
+
+def ppl_at(ws, comp, ranks, role, batch_size):
+    """Perplexity of the workspace model on `role` with `ranks` applied (dense again afterwards)."""
+    from bolaco.perplexity import perplexity
+    comp.apply(ranks)
+    try:
+        return perplexity(ws.model, ws.data[role], batch_size, desc=role).ppl
+    finally:
+        comp.restore()

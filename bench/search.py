@@ -19,7 +19,7 @@ from bolaco import search
 from bolaco.perplexity import perplexity
 from bolaco.study import load_study
 from bolaco.workspace import Workspace
-from common import print_table
+from common import ppl_at, print_table
 
 
 def best_curve(values):
@@ -45,11 +45,7 @@ def main():
     target = budget.target(base.remove)
 
     def ppl(ranks, role="test"):
-        comp.apply(ranks)
-        try:
-            return perplexity(ws.model, ws.data[role], base.batch_size, desc=role).ppl
-        finally:
-            comp.restore()
+        return ppl_at(ws, comp, ranks, role, base.batch_size)
 
     dense_test = perplexity(ws.model, ws.data["test"], base.batch_size).ppl
     dense_search = perplexity(ws.model, ws.data["search"], base.batch_size).ppl

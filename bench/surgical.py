@@ -19,10 +19,9 @@ from optuna.trial import TrialState
 
 from bolaco import surgical
 from bolaco.data import RoleSpec
-from bolaco.perplexity import perplexity
 from bolaco.study import load_study
 from bolaco.workspace import Workspace
-from common import print_table
+from common import ppl_at, print_table
 
 
 class OutOfTime(Exception):
@@ -63,16 +62,13 @@ def main():
                  if p.user_attrs["chunk"] == "verify" and p.user_attrs["accepted"] and p.user_attrs["module"] != "dense"}
         summary = {"evaluations": len(probes), "removed": 1 - comp.budget.params(ranks) / comp.budget.decomposable}
     seconds = time.perf_counter() - t
-    comp.apply(ranks)
-    result = [perplexity(ws.model, ws.data[r], study.batch_size, desc=r).ppl for r in ("search", "test")]
-    comp.restore()
+    result = [ppl_at(ws, comp, ranks, r, study.batch_size) for r in ("search", "test")]
     n = summary["evaluations"]
     bo = optuna.load_study(study_name=args.bo, storage=args.storage)
     bo_done = sorted(bo.get_trials(states=(TrialState.COMPLETE,)), key=lambda tr: tr.number)
     bo_best = min(bo_done[:max(1, min(n, len(bo_done)))], key=lambda tr: tr.value)
-    comp.apply({k: int(v) for k, v in bo_best.user_attrs["ranks"].items()})
-    bo_result = [perplexity(ws.model, ws.data[r], study.batch_size, desc=r).ppl for r in ("search", "test")]
-    comp.restore()
+    bo_ranks = {k: int(v) for k, v in bo_best.user_attrs["ranks"].items()}
+    bo_result = [ppl_at(ws, comp, bo_ranks, r, study.batch_size) for r in ("search", "test")]
     rows = [["surgical (SFSD, ppl metric, delta %.3g)" % study.surgical.delta, n, f"{seconds / 60:.1f}",
              "yes" if finished and summary.get("reached_budget") else "no (time cap)" if not finished else "no (metric)",
              f"{summary['removed']:.2%}", result[0], result[1]],

@@ -119,12 +119,6 @@ def truncate(parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
     return down, up, (w_mean + b64 - parts["up_t"].double().T @ parts["proj_mean"].double()).to(dtype)
 
 
-def lowrank_factors(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor,
-                    w_mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(down, up, bias) of y ~ Q (Q^T W) x + b_k for the basis columns q (all of them)."""
-    return truncate(factor_parts(weight, q, w_mean), bias, weight.dtype)
-
-
 def bases_key(cov: CovarianceCache, method: str) -> dict:
     return {"covariance": cov.store.key, "method": method, "format": BASES_FORMAT}
 

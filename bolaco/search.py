@@ -58,14 +58,11 @@ class SearchSpace:
                 blocks = [b for b in range(n) if b * groups // n == g]
                 name = f"{'+'.join(tg)}.b{blocks[0]}-{blocks[-1]}"
                 variables[name] = [f"{b}.{t}" for b in blocks for t in tg]
-        free = Budget({lid: budget.linears[lid] for ids in variables.values() for lid in ids},
-                      budget.adds_bias, budget.multiple)
-        fixed = budget.decomposable - free.decomposable
         target = budget.target(study.remove)
         space = cls(variables, cfg.r_min, budget, target)
         if space.rhs <= space.r_min * float(space.coefficients().sum()):
             raise BolacoError(f"the search space cannot meet remove={study.remove}: with r_min={cfg.r_min} and "
-                              f"types {list(cfg.dense)} kept dense ({fixed:,} parameters) the searched layers would "
+                              f"types {list(cfg.dense)} kept dense ({space.dense_rest:,} parameters) the searched layers would "
                               "need keep ratios below r_min; lower r_min or search more types")
         if space.rhs >= float(space.coefficients().sum()):
             raise BolacoError(f"remove={study.remove} is met with every searched layer dense: nothing to search")
@@ -81,12 +78,16 @@ class SearchSpace:
                             dtype=torch.float64)
 
     @property
+    def dense_rest(self) -> int:
+        """Parameters of the linears no variable covers (types kept dense)."""
+        searched = {l for ids in self.variables.values() for l in ids}
+        return sum(self.budget.dense(l) for l in self.budget.linears if l not in searched)
+
+    @property
     def rhs(self) -> float:
         """sum_j P_j x_j must equal this for the budget to be met (before rounding)."""
         offset = sum(self.budget.lowrank(l, 0) for ids in self.variables.values() for l in ids)
-        searched = {l for ids in self.variables.values() for l in ids}
-        dense_rest = sum(self.budget.dense(l) for l in self.budget.linears if l not in searched)
-        return float(self.target - offset - dense_rest)
+        return float(self.target - offset - self.dense_rest)
 
     def uniform_point(self) -> dict[str, float]:
         r = self.rhs / float(self.coefficients().sum())

@@ -2,9 +2,14 @@ import pytest
 import torch
 
 from bolaco.collect import collect
-from bolaco.decompose import METHODS, LowRankLinear, build_bases, lowrank_factors, output_basis
+from bolaco.decompose import METHODS, LowRankLinear, build_bases, factor_parts, output_basis, truncate
 from bolaco.export import count_params
 from conftest import tiny_model, uniform_compressor
+
+
+def lowrank_factors(weight, bias, q, w_mean):
+    """(down, up, bias) at the full width of q, through the same code the compressor uses."""
+    return truncate(factor_parts(weight, q, w_mean), bias, weight.dtype)
 
 
 def _data(d_in=12, d_out=10, n=400, seed=0):

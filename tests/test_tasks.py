@@ -4,7 +4,6 @@ task written here from local rows), and task splits are disjoint."""
 import json
 
 import pytest
-import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
