@@ -7,10 +7,12 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from .errors import BolacoError
+from .evaluate import DEFAULT_CORPORA
 
 
 def _study(args):
@@ -156,20 +158,29 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from . import evaluate
     from . import model as model_io
-    from .data import tokenize_corpus
-    from .perplexity import perplexity
+    from .tasks import ZERO_SHOT
+    chosen = args.ppl or args.tasks is not None or args.stereoset
+    plan = evaluate.EvalPlan(
+        corpora=tuple(args.corpus) if (args.ppl or not chosen) else (), seq_len=args.seq_len,
+        sequences=None if args.full else args.sequences,
+        tasks=(tuple(args.tasks) or ZERO_SHOT) if args.tasks is not None else () if chosen else ZERO_SHOT,
+        limit=None if args.full else args.limit, stereoset=args.stereoset or not chosen,
+        stereoset_limit=None if args.full else args.stereoset_limit, batch_size=args.batch_size,
+        data_dir=args.data_dir)
+    evaluate.check_plan(plan)
+    path = Path(args.results) if args.results else evaluate.results_path(args.model)
+    print(f"bolaco eval {args.model}: {plan.describe()}{'' if args.full else ' (--full for everything)'}")
     model, tokenizer = model_io.load(args.model, device=args.device)
-    results = {}
-    for corpus in args.corpus:
-        seqs = tokenize_corpus(corpus, tokenizer, args.seq_len, args.data_dir)
-        if args.sequences:
-            seqs = seqs[:args.sequences]
-        r = perplexity(model, seqs, args.batch_size, desc=corpus)
-        results[corpus] = {"ppl": r.ppl, "tokens": r.tokens, "seq_len": args.seq_len, "seconds": round(r.seconds, 1)}
-        print(f"{corpus}: ppl {r.ppl:.3f} over {r.tokens} tokens (seq_len {args.seq_len}, {r.seconds:.0f} s)")
+    results = evaluate.ResultsFile(path, model_io.fingerprint(model), args.model)
+    cached = [k for k in plan.items() if k in results.results and not args.force]
+    if cached:
+        print(f"re-using {len(cached)} cached result(s) from {path} (--force to recompute)")
+    out = evaluate.run(model, tokenizer, plan, results, force=args.force)
+    print(f"\n{evaluate.markdown_table({args.model: out})}\n\nresults: {path}")
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps(out, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,15 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--artifact-dir", default="storage/artifacts")
 
-    e = sub.add_parser("eval", help="evaluate a model (dense, GGUF or exported bolaco directory)")
-    e.add_argument("model", nargs="?", default="default")
-    e.add_argument("--ppl", action="store_true", help="perplexity (the only evaluation so far; on by default)")
-    e.add_argument("--corpus", nargs="+", default=["wikitext2-test"])
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--sequences", type=int, help="evaluate only the first N sequences")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--data-dir")
+    e = sub.add_parser("eval", help="evaluation suite: perplexity, zero-shot tasks (lm-eval), StereoSet; "
+                                     "everything unless --ppl/--tasks/--stereoset pick some")
+    e.add_argument("model", nargs="?", default="default",
+                   help="HF id, model directory, exported bolaco directory, .gguf file or 'default'")
+    e.add_argument("--ppl", action="store_true", help="perplexity on --corpus")
+    e.add_argument("--tasks", nargs="*", help="zero-shot tasks through lm-eval (no names: all seven; "
+                                              "also 'wikitext', lm-eval's word perplexity)")
+    e.add_argument("--stereoset", action="store_true", help="StereoSet LMS / SS / ICAT")
+    e.add_argument("--corpus", nargs="+", default=list(DEFAULT_CORPORA))
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--sequences", type=int, default=64, help="perplexity on the first N sequences of each corpus")
+    e.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
+    e.add_argument("--stereoset-limit", type=int, default=1000, help="StereoSet examples (of 4,229)")
+    e.add_argument("--full", action="store_true", help="whole corpora, every task row, all of StereoSet")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--data-dir", help="folder with PTB, C4, the tasks and StereoSet (default ../shared/data)")
     e.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    e.add_argument("--results", help="results JSON (default: next to the model, or storage/eval/)")
+    e.add_argument("--force", action="store_true", help="recompute results that are cached")
     e.add_argument("--json", action="store_true", help="also print the results as JSON")
     e.set_defaults(func=cmd_eval)
     return p

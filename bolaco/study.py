@@ -22,7 +22,7 @@ FINETUNE_VARIANTS = ("lora", "scaling")
 @dataclass(frozen=True)
 class SurgicalConfig:
     """SFSD greedy search (bolaco surgical)."""
-    metric: str = "ppl"                # "ppl" (search split) or a task: piqa, arc_easy, arc_challenge
+    metric: str = "ppl"                # "ppl" (search split) or a zero-shot task (bolaco.tasks.ZERO_SHOT)
     delta: float = 0.01                # ppl: geometric factor per module; accuracy: absolute drop allowed
     task_rows: int = 200               # task rows for search + verification (seeded; the rest is test)
     start_block: int | None = None     # default: the last block
@@ -150,10 +150,10 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"{where}: unknown pruner '{sc.pruner}' (choose from {', '.join(PRUNERS)})")
     if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.kl_weight < 0:
         raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, kl_weight >= 0")
-    from .tasks import TASKS
-    if study.surgical.metric != "ppl" and study.surgical.metric not in TASKS:
+    from .tasks import ZERO_SHOT
+    if study.surgical.metric != "ppl" and study.surgical.metric not in ZERO_SHOT:
         raise BolacoError(f"{where}: unknown surgical metric '{study.surgical.metric}' "
-                          f"(ppl or a task: {', '.join(TASKS)})")
+                          f"(ppl or a task: {', '.join(ZERO_SHOT)})")
     if study.finetune.variant not in FINETUNE_VARIANTS:
         raise BolacoError(f"{where}: unknown finetune variant '{study.finetune.variant}' "
                           f"(choose from {', '.join(FINETUNE_VARIANTS)})")

@@ -10,13 +10,14 @@ SFSD's geometric allowance that grows with the number of modules already compres
 search-split perplexity or the accuracy of a zero-shot task (bolaco.tasks), each cut into two disjoint
 halves: "search" and "verify".
 
-Every probe is an Optuna trial of its own study in the same store (user attrs: module, rank, chunk,
-metric, accepted), so the dashboard shows the search, and a rerun replays the recorded probes instead of
-evaluating them again: an interrupted search resumes where it stopped.
+Every probe is an Optuna trial of its own study in the same store (value: the metric; user attrs: module,
+rank, chunk, accepted, seconds), so the dashboard shows the search, and a rerun replays the recorded
+probes instead of evaluating them again: an interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import optuna
@@ -85,14 +86,23 @@ class _ProbeLog:
                 raise BolacoError("the recorded surgical probes do not match this search (other settings or model): "
                                   "delete that study or use another study name")
             return t.value, t.user_attrs["accepted"]
+        start = time.perf_counter()
         value = evaluate()
+        seconds = time.perf_counter() - start
         ok = accepted(value)
         if self.study is not None:
             self.study.add_trial(optuna.trial.create_trial(
                 params={"module": module_index, "rank": rank},
                 distributions={"module": IntDistribution(-1, 10**6), "rank": IntDistribution(0, 10**6)},
-                value=value, user_attrs={"module": lid, "rank": rank, "chunk": chunk, "accepted": ok}))
+                value=value, user_attrs={"module": lid, "rank": rank, "chunk": chunk, "accepted": ok,
+                            "seconds": seconds}))
         return value, ok
+
+
+def accepted_ranks(probes: list[optuna.trial.FrozenTrial]) -> RankMap:
+    """The rank map that a sequence of recorded probes (in order) had built: every verified acceptance."""
+    return {p.user_attrs["module"]: p.user_attrs["rank"] for p in probes
+            if p.user_attrs["chunk"] == "verify" and p.user_attrs["accepted"] and p.user_attrs["module"] != "dense"}
 
 
 def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, target: int,
@@ -147,12 +157,17 @@ def perplexity_metric(ws, batch_size: int | None = None) -> Metric:
     return lambda chunk: perplexity(ws.model, chunks[chunk], batch_size or ws.study.batch_size, progress=False).ppl
 
 
-def task_metric(ws, task: str, rows: int, seed: int = 0) -> Metric:
-    """Zero-shot accuracy on `rows` seeded rows of a local task, cut in two disjoint halves."""
-    from .tasks import accuracy, load_task, split
-    search_rows, _test_rows = split(load_task(task, ws.study.data_dir), rows, seed)
+def task_metric(ws, task: str, rows: int, seed: int = 0, batch_size: int = 8) -> Metric:
+    """lm-eval accuracy on `rows` seeded rows of a local zero-shot task, cut in two disjoint halves; the
+    other rows of the task stay unseen by the search (bolaco.tasks.split)."""
+    from .tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
+    if task not in ZERO_SHOT:
+        raise BolacoError(f"surgical metric '{task}' is neither 'ppl' nor a zero-shot task ({', '.join(ZERO_SHOT)})")
+    loaded = load_tasks([task], ws.study.data_dir)
+    search_rows, _test_rows = split(n_docs(loaded, task), rows, seed)
     if len(search_rows) < 2:
         raise BolacoError(f"surgical search needs at least 2 rows of task '{task}'")
     half = len(search_rows) // 2
     chunks = {"search": search_rows[:half], "verify": search_rows[half:]}
-    return lambda chunk: accuracy(ws.model, ws.tokenizer, chunks[chunk])["acc"]
+    lm = lm_wrapper(ws.model, ws.tokenizer, batch_size)
+    return lambda chunk: evaluate(lm, loaded, samples={task: chunks[chunk]})[task]["acc"]

@@ -1,95 +1,88 @@
-"""Zero-shot multiple-choice tasks from the local data directory, scored by log-likelihood.
+"""Zero-shot tasks through lm-eval on the local copies in the data directory (DESIGN 2.10).
 
-Prompts and choices follow lm-eval's task definitions (`Question: {q}\\nAnswer:` and the choices after a
-" " delimiter, for PIQA and ARC); scoring follows lm-eval's `loglikelihood`: the continuation's tokens are
-those of tokenize(context + continuation) past tokenize(context), trailing spaces of the context move to
-the continuation, acc = argmax of the summed log-probability, acc_norm = argmax of it divided by the
-choice's length in characters. `tests/test_tasks.py` checks the agreement with lm-eval itself.
+The task YAMLs in bolaco/resources/lm_eval_tasks are lm-eval's own definitions (prompts, choices, metrics)
+with a `custom_dataset` loader that reads the data directory (see local_data.py there for where a local
+file's layout differs from the original). They are indexed with `TaskManager(include_path=...,
+include_defaults=False)`, which skips lm-eval's few thousand built-in tasks, and run with
+`lm_eval.evaluator.evaluate` on an `HFLM` wrapping the model object, so a compressed model in memory is
+evaluated as it is. The surgical search (bolaco.surgical) uses the same path on seeded row subsets.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
 
-from .data import default_data_dir
+from .data import RESOURCES, default_data_dir
 from .errors import BolacoError
 
-
-@dataclass(frozen=True)
-class Example:
-    context: str
-    choices: tuple[str, ...]
-    label: int
+TASKS_DIR = RESOURCES / "lm_eval_tasks"
+ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PERPLEXITY_TASKS = ("wikitext",)       # lm-eval's document-level word perplexity on the shipped WikiText-2
+KNOWN = ZERO_SHOT + PERPLEXITY_TASKS
 
 
-def _piqa(root: Path) -> list[Example]:
-    rows = [json.loads(line) for line in (root / "piqa" / "valid.jsonl").read_text().splitlines() if line.strip()]
-    labels = [int(x) for x in (root / "piqa" / "valid-labels.lst").read_text().split()]
-    return [Example(f"Question: {r['goal']}\nAnswer:", (r["sol1"], r["sol2"]), y) for r, y in zip(rows, labels)]
+def _quiet() -> None:
+    # lm-eval logs every request batch and warns on each custom_dataset; bolaco shows its own progress.
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _arc(root: Path, name: str) -> list[Example]:
-    out = []
-    for line in (root / "arc" / f"{name}-Test.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            labels = [c["label"] for c in r["question"]["choices"]]
-            out.append(Example(f"Question: {r['question']['stem']}\nAnswer:",
-                               tuple(c["text"] for c in r["question"]["choices"]), labels.index(r["answerKey"])))
-    return out
-
-
-TASKS = {"piqa": _piqa, "arc_easy": lambda root: _arc(root, "ARC-Easy"),
-         "arc_challenge": lambda root: _arc(root, "ARC-Challenge")}
-
-
-def load_task(name: str, data_dir: str | Path | None = None) -> list[Example]:
-    if name not in TASKS:
-        raise BolacoError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+def load_tasks(names: list[str] | tuple[str, ...], data_dir: str | Path | None = None) -> dict:
+    """lm-eval's loaded task dict ({'tasks': {name: Task}, ...}) for bolaco's local tasks."""
+    from lm_eval.tasks import TaskManager
+    unknown = [n for n in names if n not in KNOWN]
+    if unknown:
+        raise BolacoError(f"unknown task(s) {unknown} (known: {', '.join(KNOWN)})")
     root = Path(data_dir) if data_dir else default_data_dir()
-    if root is None:
-        raise BolacoError(f"task '{name}' is read from a data directory: pass --data-dir or set BOLACO_DATA_DIR")
+    if root is None and any(n in ZERO_SHOT for n in names):
+        raise BolacoError("the zero-shot tasks are read from a data directory: pass --data-dir or set "
+                          "BOLACO_DATA_DIR (a folder with piqa/, arc/, boolq/, ... as in ../shared/data)")
+    _quiet()
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"data_dir": str(root) if root else ""})
     try:
-        return TASKS[name](root)
+        loaded = manager.load(list(names))
     except FileNotFoundError as exc:
-        raise BolacoError(f"task '{name}': {exc.filename} not found under the data directory {root}")
+        raise BolacoError(f"task data not found: {exc.filename} (data directory {root})") from None
+    _quiet()
+    return loaded
 
 
-def split(examples: list[Example], search: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Disjoint (search, test) parts: a seeded permutation, the first `search` rows for the search."""
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [examples[i] for i in perm[:search]], [examples[i] for i in perm[search:]]
+def lm_wrapper(model, tokenizer, batch_size: int = 8):
+    from lm_eval.models.huggingface import HFLM
+    _quiet()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        continuation, context = context[-spaces:] + continuation, context[:-spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx):]
+def evaluate(lm, loaded: dict, limit: int | None = None, samples: dict[str, list[int]] | None = None,
+             log_samples: bool = False) -> dict:
+    """{task: {metric: value, metric_stderr: value, 'rows': n}} (and 'samples' with log_samples)."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    _quiet()
+    out = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, bootstrap_iters=1000,
+                      log_samples=log_samples, verbosity="ERROR")
+    results = {}
+    for task, metrics in out["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if isinstance(value, (int, float)) and name not in ("alias", "sample_len"):
+                row[name] = float(value)
+        row["rows"] = int(out["n-samples"][task]["effective"])
+        results[task] = row
+    if log_samples:
+        results["samples"] = out["samples"]
+    return results
 
 
-def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    ctx, cont = _encode_pair(tokenizer, context, continuation)
-    ids = torch.tensor([ctx + cont], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        logp = torch.log_softmax(model(input_ids=ids[:, :-1], use_cache=False).logits[0].float(), dim=-1)
-    targets = ids[0, len(ctx):]
-    return float(logp[len(ctx) - 1:].gather(1, targets[:, None]).sum(dtype=torch.float64))
+def n_docs(loaded: dict, task: str) -> int:
+    return len(loaded["tasks"][task].eval_docs)
 
 
-def accuracy(model, tokenizer, examples: list[Example]) -> dict[str, float]:
-    """lm-eval's acc and acc_norm over `examples`."""
-    if not examples:
-        raise BolacoError("no task rows to score")
-    acc = acc_norm = 0
-    for ex in examples:
-        lls = [loglikelihood(model, tokenizer, ex.context, " " + c) for c in ex.choices]
-        acc += max(range(len(lls)), key=lambda i: lls[i]) == ex.label
-        acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(ex.choices[i])) == ex.label
-    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+def split(n: int, search: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Disjoint (search, test) row indices: a seeded permutation of range(n), the first `search` for search."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[:search]), sorted(perm[search:])

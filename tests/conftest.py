@@ -46,6 +46,16 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token=None)
 
 
+@pytest.fixture(scope="session")
+def eos_tokenizer():
+    """A byte-level tokenizer with an end-of-text token, as lm-eval's HFLM needs (prefix and padding)."""
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([read_text("wikitext2-valid")[:100_000]], vocab_size=300, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

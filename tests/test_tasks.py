@@ -1,83 +1,122 @@
-"""The zero-shot scorer agrees with lm-eval's acc/acc_norm on the same rows (lm-eval run offline on a
-task written here from local rows), and task splits are disjoint."""
+"""bolaco's lm-eval tasks run offline on local rows and agree with an independent float64 log-likelihood:
+one multiple-choice task (PIQA layout, handcrafted rows) and one perplexity task (lm-eval's wikitext on
+the shipped WikiText-2); the local copies load with their official row counts; splits are disjoint."""
 
 import json
+import math
+import re
 
 import pytest
-from tokenizers import ByteLevelBPETokenizer
-from transformers import PreTrainedTokenizerFast
-
-from bolaco.data import read_text
-from bolaco.tasks import Example, accuracy, loglikelihood, split
+import torch
+from bolaco.data import default_data_dir
+from bolaco.errors import BolacoError
+from bolaco.tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
 from conftest import tiny_model
 
-ROWS = [Example("Question: How do you open a jar?\nAnswer:", ("Twist the lid.", "Eat the lid."), 0),
-        Example("Question: dresser\nAnswer:", ("replace drawer with bobby pin ", "finish, woodgrain"), 1),
-        Example("Question: To dry wet shoes,\nAnswer:", ("stuff them with newspaper.", "put them in a pond."), 0),
-        Example("Question: What melts ice on roads?\nAnswer:", ("salt", "sugar syrup", "sand", "water"), 0),
-        Example("Question: A plant needs\nAnswer:", ("light", "darkness only"), 1)]
+PIQA = [("How do you open a jar?", "Twist the lid.", "Eat the lid.", 0),
+        ("dresser", "replace drawer with bobby pin ", "finish, woodgrain", 1),
+        ("To dry wet shoes,", "stuff them with newspaper.", "put them in a pond.", 0),
+        ("What melts ice on roads?", "salt", "sugar syrup and sand", 0),
+        ("A plant needs", "light", "darkness only", 1)]
 
 
 @pytest.fixture(scope="module")
-def lm():
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator([read_text("wikitext2-valid")[:100_000]], vocab_size=300, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>")
-    return tiny_model("llama", vocab_size=len(tokenizer)), tokenizer
+def lm(eos_tokenizer):
+    return tiny_model("llama", vocab_size=len(eos_tokenizer)), eos_tokenizer
 
 
-def test_accuracy_agrees_with_lm_eval_on_the_same_rows(lm, tmp_path):
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+def write_piqa(tmp_path):
+    """A data directory with the handcrafted PIQA rows."""
+    (tmp_path / "piqa").mkdir(parents=True)
+    (tmp_path / "piqa" / "valid.jsonl").write_text(
+        "".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b, _ in PIQA))
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("".join(f"{y}\n" for *_, y in PIQA))
+    return tmp_path
+
+
+@pytest.fixture
+def piqa_dir(tmp_path):
+    return write_piqa(tmp_path)
+
+
+def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, in float64 on a float64 copy of the model."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0]
+    return torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def continuation_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    """lm-eval's request split: continuation tokens = tokens of context+continuation past those of context."""
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    return float(reference_logprobs(model, whole)[len(ctx) - 1:].sum())
+
+
+def test_multiple_choice_task_agrees_with_independent_loglikelihoods(lm, piqa_dir):
     model, tokenizer = lm
-    ours = accuracy(model, tokenizer, ROWS)
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"q": r.context, "choices": list(r.choices), "label": r.label}) + "\n"
-                            for r in ROWS))
-    (tmp_path / "local_mc.yaml").write_text(
-        "task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: label\n"
-        "doc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tasks=["local_mc"],
-                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                          log_samples=True)
-    for sample in res["samples"]["local_mc"]:   # every choice's log-likelihood, not only the argmax
-        row = ROWS[sample["doc_id"]]
-        theirs_ll = [float(r[0]) for r in sample["filtered_resps"]]
-        ours_ll = [loglikelihood(model, tokenizer, row.context, " " + c) for c in row.choices]
-        assert ours_ll == pytest.approx(theirs_ll, abs=1e-3)
-    theirs = res["results"]["local_mc"]
-    assert theirs["acc,none"] == pytest.approx(ours["acc"])
-    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    model64 = tiny_model("llama", vocab_size=len(tokenizer)).double()
+    res = evaluate(lm_wrapper(model, tokenizer, batch_size=2), load_tasks(["piqa"], piqa_dir), log_samples=True)
+    samples = res["samples"]["piqa"]
+    assert res["piqa"]["rows"] == len(samples) == len(PIQA)
+    acc = acc_norm = 0
+    for sample in samples:
+        goal, a, b, label = PIQA[sample["doc_id"]]
+        ours = [continuation_loglik(model64, tokenizer, f"Question: {goal}\nAnswer:", " " + c) for c in (a, b)]
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(ours, abs=1e-4)
+        acc += max((0, 1), key=lambda i: ours[i]) == label
+        acc_norm += max((0, 1), key=lambda i: ours[i] / len((a, b)[i])) == label
+    assert res["piqa"]["acc"] == pytest.approx(acc / len(PIQA))
+    assert res["piqa"]["acc_norm"] == pytest.approx(acc_norm / len(PIQA))
 
 
-def test_splits_are_disjoint_and_seeded():
-    rows = [Example(f"q{i}", ("a", "b"), 0) for i in range(20)]
-    search, test = split(rows, 6, seed=3)
-    assert len(search) == 6 and len(test) == 14
-    assert {r.context for r in search}.isdisjoint({r.context for r in test})
-    assert split(rows, 6, seed=3) == (search, test)
+def test_wikitext_word_perplexity_agrees_with_independent_rolling_windows(lm):
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+    model, tokenizer = lm
+    model64 = tiny_model("llama", vocab_size=len(tokenizer)).double()
+    loaded = load_tasks(["wikitext"])
+    docs = list(loaded["tasks"]["wikitext"].eval_docs)[:2]
+    assert docs[0]["page"].startswith(" = Robert Boulter = ")
+    res = evaluate(lm_wrapper(model, tokenizer, batch_size=4), loaded, limit=2)["wikitext"]
+    width = model.config.max_position_embeddings      # lm-eval's max_length for this model
+    total = words = 0.0
+    for doc in docs:
+        # the first token is predicted from EOS; chunks of `width` tokens, each from the `width` tokens before
+        stream = [tokenizer.eos_token_id] + tokenizer(wikitext_detokenizer(doc), add_special_tokens=False).input_ids
+        n = len(stream) - 1
+        for a in range(0, n, width):
+            b = min(a + width, n)
+            window = stream[max(0, b - width):b + 1]
+            total += float(reference_logprobs(model64, window)[-(b - a):].sum())
+        words += len(re.split(r"\s+", doc["page"]))
+    assert res["rows"] == 2
+    assert res["word_perplexity"] == pytest.approx(math.exp(-total / words), rel=1e-4)
 
 
-def test_local_task_files_load_with_their_labels(tmp_path):
-    from bolaco.data import default_data_dir
-    from bolaco.errors import BolacoError
-    from bolaco.tasks import load_task
-    (tmp_path / "piqa").mkdir()
-    (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g1", "sol1": "a", "sol2": "b"}\n'
-                                                   '{"goal": "g2", "sol1": "c", "sol2": "d"}\n')
-    (tmp_path / "piqa" / "valid-labels.lst").write_text("1\n0\n")
-    assert load_task("piqa", tmp_path) == [Example("Question: g1\nAnswer:", ("a", "b"), 1),
-                                           Example("Question: g2\nAnswer:", ("c", "d"), 0)]
-    with pytest.raises(BolacoError, match="not found under the data directory"):
-        load_task("arc_easy", tmp_path)
+def test_local_loaders_errors_and_splits(piqa_dir):
     with pytest.raises(BolacoError, match="unknown task"):
-        load_task("mmlu", tmp_path)
-    root = default_data_dir()
-    if root is not None and (root / "arc").is_dir():   # the real copies: official row counts
-        easy = load_task("arc_easy", root)
-        assert len(easy) == 2376 and all(0 <= e.label < len(e.choices) for e in easy)
-        assert len(load_task("piqa", root)) == 1838
+        load_tasks(["mmlu"], piqa_dir)
+    with pytest.raises(BolacoError, match="not found"):
+        load_tasks(["arc_easy"], piqa_dir)
+    doc = load_tasks(["piqa"], piqa_dir)["tasks"]["piqa"].eval_docs[1]
+    assert (doc["goal"], doc["label"]) == ("dresser", 1)
+    search, test = split(20, 6, seed=3)
+    assert len(search) == 6 and len(test) == 14 and set(search).isdisjoint(test) and set(search) | set(test) == set(range(20))
+    assert split(20, 6, seed=3) == (search, test) and split(20, 6, seed=4) != (search, test)
+
+
+@pytest.mark.skipif(default_data_dir() is None, reason="needs the data directory (../shared/data)")
+def test_local_copies_have_the_official_row_counts():
+    loaded = load_tasks(list(ZERO_SHOT))
+    assert {t: n_docs(loaded, t) for t in ZERO_SHOT} == {
+        "boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
+        "arc_challenge": 1172, "openbookqa": 500}
+    tasks = loaded["tasks"]
+    win = tasks["winogrande"].eval_docs[0]
+    assert tasks["winogrande"].doc_to_choice(win) == ["Sarah was a much better surgeon than Maria so Sarah",
+                                                      "Sarah was a much better surgeon than Maria so Maria"]
+    assert tasks["winogrande"].doc_to_target(win) == "always got the easier cases." and win["gold"] == 1
+    obqa = tasks["openbookqa"].eval_docs[0]
+    assert tasks["openbookqa"].doc_to_choice(obqa)[tasks["openbookqa"].doc_to_target(obqa)] == "quit eating lunch out"
+    boolq = tasks["boolq"].eval_docs[0]
+    assert boolq["label"] == 0 and tasks["boolq"].doc_to_text(boolq).endswith("produces?\nAnswer:")
