@@ -101,7 +101,6 @@ def cmd_surgical(args) -> None:
 
 def cmd_dashboard(args) -> None:
     import os
-    from pathlib import Path
     study = _study(args)
     exe = Path(sys.executable).with_name("optuna-dashboard")
     cmd = [str(exe), study.storage, "--host", args.host, "--port", str(args.port), "--artifact-dir", args.artifact_dir]
@@ -183,6 +182,21 @@ def cmd_eval(args) -> None:
         print(json.dumps(out, indent=1))
 
 
+def cmd_report(args) -> None:
+    from . import model as model_io
+    from .arch import Adapter
+    from .decompose import make_budget
+    from .report import build
+    from .study import load_study
+    study = _study(args)
+    compare = [load_study(p) for p in args.compare]
+    model, _ = model_io.load(study.model)       # for the layer shapes the budget counts
+    adapter = Adapter(model)
+    path = build(study, make_budget(adapter, study.method, study.rank_multiple), adapter.n_blocks,
+                 args.out or f"out/{study.name}-report", compare)
+    print(f"wrote {path} and its pictures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bolaco", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--artifact-dir", default="storage/artifacts")
+
+    r = study_command("report", "Markdown report with pictures: search curves, allocation heat map, "
+                                "evaluation tables (from the study store and cached eval results)", cmd_report)
+    r.add_argument("--compare", nargs="*", default=[], help="other study files to draw next to this one")
+    r.add_argument("--out", help="output folder (default out/<study>-report)")
 
     e = sub.add_parser("eval", help="evaluation suite: perplexity, zero-shot tasks (lm-eval), StereoSet; "
                                      "everything unless --ppl/--tasks/--stereoset pick some")

@@ -1,13 +1,23 @@
-"""The study commands as a user runs them, on a tiny model saved to disk."""
+"""The study commands as a user runs them, on a tiny model saved to disk, with their default output folders."""
 
 import json
+
+import pytest
+from PIL import Image
 
 from bolaco.cli import main
 from bolaco.export import count_params, load_compressed
 from conftest import tiny_model
 
 
-def test_collect_compress_search_export_surgical_eval(tmp_path, tokenizer, capsys):
+def assert_picture(path, size):
+    with Image.open(path) as im:
+        assert im.size == size
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20   # not blank
+
+
+def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "tiny"
     dense = tiny_model("qwen2", vocab_size=len(tokenizer))
     dense.save_pretrained(model_dir)
@@ -23,19 +33,46 @@ def test_collect_compress_search_export_surgical_eval(tmp_path, tokenizer, capsy
                      "surgical: {delta: 0.5, types: [q, up]}\n")
     s = ["--study", str(study)]
     assert main(["collect", *s]) == 0
-    assert main(["compress", *s, "--uniform", "--out", str(tmp_path / "uniform")]) == 0
+    assert main(["compress", *s, "--uniform"]) == 0
     assert main(["search", *s, "--trials", "2"]) == 0
     assert main(["worker", *s]) == 0                       # joins and brings the study to 3 trials
-    assert main(["export", *s, "--out", str(tmp_path / "best")]) == 0
-    assert main(["surgical", *s, "--out", str(tmp_path / "surgical")]) == 0
+    assert main(["export", *s]) == 0
+    assert main(["surgical", *s]) == 0
     out = capsys.readouterr().out
     assert "covariance cache complete" in out and "best trial" in out and "surgical:" in out
-    for name in ("uniform", "best", "surgical"):
-        meta = json.loads((tmp_path / name / "bolaco.json").read_text())
-        model, _ = load_compressed(tmp_path / name)
+    for name in ("s-uniform", "s", "s-surgical"):
+        meta = json.loads((tmp_path / "out" / name / "bolaco.json").read_text())
+        model, _ = load_compressed(tmp_path / "out" / name)
         assert count_params(model) == meta["params"] < count_params(dense)
         assert set(meta["perplexity"]) == {"seq_len", "search", "test"}
-    best = json.loads((tmp_path / "best" / "bolaco.json").read_text())
+    best = json.loads((tmp_path / "out" / "s" / "bolaco.json").read_text())
     assert best["allocation"].startswith("best trial") and best["removed_fraction"] >= 0.25
-    assert main(["eval", str(tmp_path / "best"), "--seq-len", "16", "--sequences", "4", "--json"]) == 0
-    assert '"wikitext2-test"' in capsys.readouterr().out
+
+    other = tmp_path / "s40.yaml"      # the same study at another budget, for the perplexity-vs-kept picture
+    other.write_text(study.read_text().replace("name: s\n", "name: s40\n").replace("remove: 0.25", "remove: 0.4"))
+    assert main(["search", "--study", str(other), "--trials", "2"]) == 0
+
+    ppl = ["--ppl", "--corpus", "wikitext2-test", "--seq-len", "16", "--sequences", "4"]
+    for model in ("out/s", str(model_dir)):
+        assert main(["eval", model, *ppl, "--json"]) == 0
+    results = json.loads((tmp_path / "out" / "s" / "bolaco-eval.json").read_text())["results"]
+    assert set(results) == {"ppl/wikitext2-test/seq16/4"} and results["ppl/wikitext2-test/seq16/4"]["tokens"] == 60
+    assert (model_dir / "bolaco-eval.json").is_file()
+    assert '"ppl/wikitext2-test/seq16/4"' in capsys.readouterr().out
+
+    def no_recompute(*a, **k):
+        raise AssertionError("a cached result was recomputed")
+    monkeypatch.setattr("bolaco.perplexity.perplexity", no_recompute)
+    assert main(["eval", "out/s", *ppl]) == 0
+    assert "re-using 1 cached result(s)" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="recomputed"):
+        main(["eval", "out/s", *ppl, "--force"])
+
+    assert main(["report", *s, "--compare", str(other)]) == 0
+    report = (tmp_path / "out" / "s-report" / "report.md").read_text()
+    assert "| s-botorch | 3 |" in report and "| s40-botorch | 2 |" in report and "s-surgical-ppl" in report
+    assert_picture(tmp_path / "out" / "s-report" / "budgets.png", (640, 400))
+    assert "| metric | dense | s |" in report and "WikiText-2 test ppl (seq 16, 4 seqs)" in report
+    assert_picture(tmp_path / "out" / "s-report" / "search.png", (640, 400))
+    for name in ("allocation.png", "surgical.png"):   # 3 blocks: the heat map's minimum width, 4 x 2.6 inches
+        assert_picture(tmp_path / "out" / "s-report" / name, (400, 260))
