@@ -12,9 +12,12 @@ RANKS ?=
 STORAGE ?=
 TRIALS ?=
 PORT ?= 8080
+# extra flags for `bolaco eval`, e.g. EVAL_ARGS="--limit 50" or EVAL_ARGS=--full
+EVAL_ARGS ?=
+COMPARE ?=
 STORAGE_FLAG = $(if $(STORAGE),--storage $(STORAGE))
 
-.PHONY: setup test collect compress study worker dashboard export finetune surgical eval clean-cache
+.PHONY: setup test collect compress study worker dashboard export finetune surgical eval report clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +56,10 @@ finetune:
 	$(BIN)/bolaco finetune --study $(STUDY) $(if $(OUT),--out $(OUT))
 
 eval:
-	$(BIN)/bolaco eval $(MODEL) --ppl
+	$(BIN)/bolaco eval $(MODEL) $(EVAL_ARGS)
+
+report:
+	$(BIN)/bolaco report --study $(STUDY) $(STORAGE_FLAG) $(if $(COMPARE),--compare $(COMPARE)) $(if $(OUT),--out $(OUT))
 
 clean-cache:
 	rm -rf storage/cache

@@ -159,6 +159,7 @@ def cmd_finetune(args) -> None:
 def cmd_eval(args) -> None:
     from . import evaluate
     from . import model as model_io
+    from .data import default_data_dir
     from .tasks import ZERO_SHOT
     chosen = args.ppl or args.tasks is not None or args.stereoset
     plan = evaluate.EvalPlan(
@@ -169,6 +170,10 @@ def cmd_eval(args) -> None:
         stereoset_limit=None if args.full else args.stereoset_limit, batch_size=args.batch_size,
         data_dir=args.data_dir)
     evaluate.check_plan(plan)
+    if not args.data_dir and default_data_dir() is None:
+        plan, skipped = evaluate.without_data_dir(plan)
+        if skipped:
+            print(f"no data directory (--data-dir, $BOLACO_DATA_DIR or ../shared/data): skipping {', '.join(skipped)}")
     path = Path(args.results) if args.results else evaluate.results_path(args.model)
     print(f"bolaco eval {args.model}: {plan.describe()}{'' if args.full else ' (--full for everything)'}")
     model, tokenizer = model_io.load(args.model, device=args.device)

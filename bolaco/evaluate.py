@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data import CORPORA, tokenize_corpus
@@ -160,6 +160,16 @@ def markdown_table(columns: dict[str, dict]) -> str:
     lines += ["| " + label + " | " + " | ".join(rows.get(label, "-") for rows in per_model.values()) + " |"
               for label in labels]
     return "\n".join(lines)
+
+
+def without_data_dir(plan: EvalPlan) -> tuple[EvalPlan, list[str]]:
+    """The plan reduced to what ships with bolaco (WikiText-2 and lm-eval's wikitext), and what was dropped."""
+    from .tasks import ZERO_SHOT
+    corpora = tuple(c for c in plan.corpora if CORPORA[c].shipped)
+    tasks = tuple(t for t in plan.tasks if t not in ZERO_SHOT)
+    skipped = [c for c in plan.corpora if c not in corpora] + [t for t in plan.tasks if t not in tasks]
+    skipped += ["stereoset"] if plan.stereoset else []
+    return replace(plan, corpora=corpora, tasks=tasks, stereoset=False), skipped
 
 
 def check_plan(plan: EvalPlan) -> None:
