@@ -37,7 +37,8 @@ def bo_studies(study: Study, compare: list[Study] = ()) -> dict[str, optuna.Stud
         storage = open_storage(s.storage)
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             name = summary.study_name
-            if name.startswith(f"{s.name}-") and "-surgical-" not in name:
+            # BO studies carry their search variables (bolaco.search); surgical probe logs do not
+            if name.startswith(f"{s.name}-") and "variables" in summary.user_attrs:
                 opt = optuna.load_study(study_name=name, storage=storage)
                 if opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                     out[name] = opt
