@@ -121,7 +121,7 @@ def summary(key: str, value: dict) -> str:
     if kind == "ppl":
         return f"ppl {value['ppl']:.2f}"
     if kind == "task":
-        return ", ".join(f"{m} {value[m]:.4f}" for m in ("acc", "acc_norm") if m in value)
+        return ", ".join(f"{m} {value[m]:.4f}" for m in ("acc", "acc_norm", "word_perplexity") if m in value)
     o = value["overall"]
     return f"LMS {o['lms']:.2f}, SS {o['ss']:.2f}, ICAT {o['icat']:.2f}"
 
@@ -134,12 +134,14 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
         kind, name, *rest = key.split("/")
         if kind == "ppl":
             rows.append((f"{CORPUS_LABELS.get(name, name)} ppl (seq {rest[0][3:]}, {rest[1]} seqs)", f"{v['ppl']:.2f}"))
-        elif kind == "task":
+        elif kind == "task" and "acc" in v:
             for m in ("acc", "acc_norm"):
                 if m in v:
                     se = v.get(f"{m}_stderr")
                     rows.append((f"{name} {m} ({rest[0]} rows)", f"{100 * v[m]:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")))
             accs.append(v["acc"])
+        elif kind == "task":       # lm-eval's wikitext: document-level word perplexity
+            rows.append((f"{name} word ppl ({rest[0]} documents)", f"{v['word_perplexity']:.2f}"))
         else:
             for split in ("intrasentence", "intersentence"):
                 if split in v:

@@ -153,7 +153,7 @@ def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, comp
         ranks = accepted_ranks(probes)
         (out / "surgical.png").write_bytes(allocation_heatmap(
             budget, ranks, n_blocks, f"{surgical}: share of parameters kept"))
-        md += ["## Surgical search", "", f"{surgical}: {len(probes)} evaluations, {len(ranks)} modules compressed, "
+        md += ["## Surgical search", "", f"{surgical}: {len(probes)} evaluation(s), {len(ranks)} module(s) compressed, "
                f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
                "![surgical allocation](surgical.png)", ""]
     columns = eval_columns(study, out_root)

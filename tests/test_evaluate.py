@@ -34,9 +34,11 @@ def test_results_file_keeps_results_of_the_same_weights_only(tmp_path):
 
 
 def test_markdown_table_puts_models_side_by_side():
-    dense = {"ppl/ptb-test/seq256/64": {"ppl": 60.0}, "task/piqa/200": {"acc": 0.6, "acc_stderr": 0.03}}
+    dense = {"ppl/ptb-test/seq256/64": {"ppl": 60.0}, "task/piqa/200": {"acc": 0.6, "acc_stderr": 0.03},
+             "task/wikitext/all": {"word_perplexity": 41.25, "byte_perplexity": 1.9}}
     small = {"ppl/ptb-test/seq256/64": {"ppl": 90.5}}
     table = markdown_table({"dense": dense, "20 %": small}).splitlines()
     assert table[0] == "| metric | dense | 20 % |"
     assert "| PTB test ppl (seq 256, 64 seqs) | 60.00 | 90.50 |" in table
     assert "| piqa acc (200 rows) | 60.0 ± 3.0 | - |" in table
+    assert "| wikitext word ppl (all documents) | 41.25 | - |" in table

@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 
 import datasets
+# lm-eval's own detokenizer and word/byte counts for wikitext, re-exported for wikitext.yaml
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
 
 def _rows(path: Path) -> list[dict]:
@@ -102,7 +104,3 @@ def wikitext(**_) -> dict:
     text = (RESOURCES / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     pages = re.split(r"(?m)^(?= = [^=].* = $)", text)
     return _split("test", [{"page": p} for p in pages if p.strip()])
-
-
-# lm-eval's own detokenizer and word/byte counts for wikitext, re-exported for wikitext.yaml.
-from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: E402,F401
