@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
         w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
 
-    g = study_command("surgical", "SFSD greedy rank search (perplexity metric), then export", cmd_surgical)
+    g = study_command("surgical", "SFSD greedy rank search (search perplexity or a zero-shot task's accuracy), then export", cmd_surgical)
     g.add_argument("--out", help="output folder (default out/<study>-surgical)")
 
     f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--sequences", type=int, default=64, help="perplexity on the first N sequences of each corpus")
     e.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
-    e.add_argument("--stereoset-limit", type=int, default=1000, help="StereoSet examples (of 4,229)")
+    e.add_argument("--stereoset-limit", type=int, default=1000, help="first N StereoSet examples")
     e.add_argument("--full", action="store_true", help="whole corpora, every task row, all of StereoSet")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--data-dir", help="folder with PTB, C4, the tasks and StereoSet (default ../shared/data)")

@@ -52,7 +52,7 @@ class EvalPlan:
             f"whole corpora at seq_len {self.seq_len}"
         tasks = f"{self.limit} rows per task" if self.limit else "every row of each task"
         bias = "" if not self.stereoset else \
-            f", StereoSet {'first ' + str(self.stereoset_limit) + ' of 4,229' if self.stereoset_limit else 'all 4,229'} examples"
+            f", StereoSet {'first ' + str(self.stereoset_limit) if self.stereoset_limit else 'all'} examples"
         return f"sample: {ppl}, {tasks}{bias}"
 
 
