@@ -95,8 +95,14 @@ class Budget:
     def fit(self, keeps: dict[str, float], target: int) -> RankMap:
         """The rank map closest to the keep-ratio shape `keeps` that uses at most `target` parameters and is
         within one rounding step of it: the ratios are scaled by the largest factor that fits, then layers
-        grow one step at a time (largest keep first) while the budget allows."""
-        keeps = {lid: keeps.get(lid, 1.0) for lid in self.linears}
+        grow one step at a time (largest keep first) while the budget allows. Only the layers named in
+        `keeps` may change; every other layer stays dense."""
+        unknown = set(keeps) - set(self.linears)
+        if unknown:
+            raise BolacoError(f"keep ratios name unknown linears {sorted(unknown)[:3]}")
+        if not keeps:
+            raise BolacoError("no layer may be compressed: give keep ratios for at least one linear")
+        keeps = dict(keeps)
         lo, hi = 0.0, 1.0 / max(min(keeps.values()), 1e-6)
         if self.params(self.ranks_for_keeps({l: r * hi for l, r in keeps.items()})) <= target:
             lo = hi

@@ -54,7 +54,7 @@ def cmd_export(args) -> None:
     else:   # the best trial so far; workers may still be running
         ranks, best = best_ranks(study)
         extra = {"allocation": f"best trial {best.number} of study {study_name(study)}",
-                 "search_ppl_at_search_time": best.value}
+                 "search_ppl_at_search_time": best.user_attrs["search_ppl"]}
     ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
     ws.export(comp, ranks, args.out or f"out/{study.name}", extra)
@@ -72,8 +72,9 @@ def _search(args, create: bool) -> None:
     done = [t for t in opt.trials if t.value is not None]
     if done:
         best = opt.best_trial
-        print(f"best trial {best.number}: search ppl {best.value:.3f}, "
-              f"removed {best.user_attrs['compression']:.2%} of the decomposable parameters")
+        print(f"best trial {best.number}: search ppl {best.user_attrs['search_ppl']:.3f} (objective "
+              f"{study.search.objective} {best.value:.4f}), removed {best.user_attrs['compression']:.2%} of the "
+              "decomposable parameters")
 
 
 def cmd_search(args) -> None:

@@ -30,15 +30,19 @@ def _plt():
 
 
 def bo_studies(study: Study, compare: list[Study] = ()) -> dict[str, optuna.Study]:
-    """label -> BO study: every `<name>-<sampler>` study of this study file and of the --compare files."""
-    from .search import open_storage
+    """label -> BO study: the `<name>-<sampler>` studies of this study file and of the --compare files, selected by
+    exactly those names (a study named `smollm2` never takes in `smollm2-20-botorch`)."""
+    from dataclasses import replace
+
+    from .search import open_storage, study_name
+    from .study import SAMPLERS
     out = {}
     for s in (study, *compare):
         storage = open_storage(s.storage)
+        names = {study_name(replace(s, search=replace(s.search, sampler=k))) for k in SAMPLERS}
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             name = summary.study_name
-            # BO studies carry their search variables (bolaco.search); surgical probe logs do not
-            if name.startswith(f"{s.name}-") and "variables" in summary.user_attrs:
+            if name in names:
                 opt = optuna.load_study(study_name=name, storage=storage)
                 if opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                     out[name] = opt
@@ -49,6 +53,10 @@ def _complete(opt: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
 
 
+def _ppl(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.user_attrs["search_ppl"]
+
+
 def search_curve_png(studies: dict[str, optuna.Study], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=CURVE_SIZE, dpi=DPI)
@@ -56,7 +64,7 @@ def search_curve_png(studies: dict[str, optuna.Study], path: Path) -> None:
         trials = _complete(opt)
         best, xs, ys = float("inf"), [], []
         for i, t in enumerate(trials, 1):
-            best = min(best, t.value)
+            best = min(best, _ppl(t))
             xs.append(i)
             ys.append(best)
         ax.plot(xs, ys, marker=".", label=label)
@@ -123,11 +131,15 @@ def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, comp
           f"({budget.decomposable:,}), method `{study.method}`, study store `{study.storage}`.", ""]
     if studies:
         search_curve_png(studies, out / "search.png")
-        md += ["## Search", "", "| study | finished trials | best search ppl | best trial | removed |", "|---|---|---|---|---|"]
+        md += ["## Search", "", "| study | finished trials | best objective | its search ppl | best trial | removed "
+               "| proposals |", "|---|---|---|---|---|---|---|"]
+        from .search import summary
         for name, opt in studies.items():
-            best = min(_complete(opt), key=lambda t: t.value)
-            md.append(f"| {name} | {len(_complete(opt))} | {best.value:.2f} | {best.number} | "
-                      f"{best.user_attrs.get('compression', float('nan')):.2%} |")
+            best = opt.best_trial
+            props = ", ".join(f"{k} {v}" for k, v in sorted(summary(opt)["proposals"].items()))
+            md.append(f"| {name} | {len(_complete(opt))} | {best.value:.4f} ({opt.user_attrs.get('objective', '?')}) | "
+                      f"{_ppl(best):.2f} | {best.number} | {best.user_attrs.get('compression', float('nan')):.2%} "
+                      f"| {props} |")
         md += ["", "![best search perplexity vs trial](search.png)", ""]
         own = {n: o for n, o in studies.items() if n.startswith(f"{study.name}-")}
         name, opt = min(own.items(), key=lambda kv: kv[1].best_value) if own else (None, None)
@@ -136,10 +148,10 @@ def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, comp
             ranks = {k: int(v) for k, v in best.user_attrs["ranks"].items()}
             (out / "allocation.png").write_bytes(allocation_heatmap(
                 budget, ranks, n_blocks, f"{name} trial {best.number}: share of parameters kept"))
-            md += ["## Best allocation", "", f"{name}, trial {best.number}: search ppl {best.value:.2f}, "
+            md += ["## Best allocation", "", f"{name}, trial {best.number}: search ppl {_ppl(best):.2f}, "
                    f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
                    "![allocation heat map](allocation.png)", ""]
-        points = [(n, 1 - t.user_attrs["compression"], t.value) for n, o in studies.items()
+        points = [(n, 1 - t.user_attrs["compression"], _ppl(t)) for n, o in studies.items()
                   for t in [o.best_trial] if "compression" in t.user_attrs]
         if len({round(k, 3) for _, k, _ in points}) > 1:
             budgets_png(points, out / "budgets.png")

@@ -15,6 +15,8 @@ from .errors import BolacoError
 
 METHODS = ("feature", "feature-uncentred", "weight")
 SAMPLERS = ("botorch", "gp", "tpe", "random")
+SPACES = ("groups", "types", "knots")
+OBJECTIVES = ("ppl", "kl", "ppl+kl")     # search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
 PRUNERS = ("none", "median")
 FINETUNE_VARIANTS = ("lora", "scaling")
 
@@ -49,17 +51,22 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The BO study: one keep ratio per (type group, block group) in [r_min, 1]."""
+    """The BO study: keep ratios in [r_min, 1] of the searched linears, parameterised by `space`."""
     sampler: str = "botorch"
     trials: int = 60                 # total finished trials the study aims for (all workers together)
-    groups: int = 6                  # contiguous block groups; = number of blocks for per-layer ratios
+    space: str = "groups"            # groups (type x block group), types (one ratio per type), knots (curve over depth)
+    groups: int = 6                  # space groups: contiguous block groups; = number of blocks for per-layer ratios
+    knots: int = 3                   # space knots: values per type curve, evenly spaced over depth
+    coarse_trials: int = 0           # botorch: the first N trials search one ratio per type, then refine (0: off)
     r_min: float = 0.1
     tie: tuple[tuple[str, ...], ...] = ()   # types sharing one ratio, e.g. ((q, k),)
     dense: tuple[str, ...] = ()      # types left out of the search (kept dense)
-    startup: int = 10                # BoTorch: first trials drawn at random from the budget polytope
+    startup: int = 10                # first trials: space-filling draws from the budget polytope
     seed: int = 0
-    kl_weight: float = 0.0           # objective = ppl + kl_weight * KL(compressed || dense) per token
+    objective: str = "ppl"           # ppl (the GP models log-perplexity), kl, ppl+kl
+    kl_weight: float = 1.0           # objective ppl+kl: NLL + kl_weight * KL(compressed || dense), nats per token
     pruner: str = "none"
+    prefetch: bool | str = "auto"    # propose the next trial while one evaluates; auto: on a GPU
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,18 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"{where}: unknown sampler '{sc.sampler}' (choose from {', '.join(SAMPLERS)})")
     if sc.pruner not in PRUNERS:
         raise BolacoError(f"{where}: unknown pruner '{sc.pruner}' (choose from {', '.join(PRUNERS)})")
-    if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.kl_weight < 0:
-        raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, kl_weight >= 0")
+    if sc.space not in SPACES:
+        raise BolacoError(f"{where}: unknown search space '{sc.space}' (choose from {', '.join(SPACES)})")
+    if sc.objective not in OBJECTIVES:
+        raise BolacoError(f"{where}: unknown search objective '{sc.objective}' (choose from {', '.join(OBJECTIVES)})")
+    if sc.prefetch not in (True, False, "auto"):
+        raise BolacoError(f"{where}: search.prefetch is true, false or auto")
+    if sc.coarse_trials and sc.sampler != "botorch":
+        raise BolacoError(f"{where}: search.coarse_trials needs sampler botorch")
+    if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.knots < 2 or sc.kl_weight < 0 \
+            or sc.startup < 0 or sc.coarse_trials < 0:
+        raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, knots >= 2, "
+                          "kl_weight >= 0, startup >= 0, coarse_trials >= 0")
     from .tasks import ZERO_SHOT
     if study.surgical.metric != "ppl" and study.surgical.metric not in ZERO_SHOT:
         raise BolacoError(f"{where}: unknown surgical metric '{study.surgical.metric}' "

@@ -45,6 +45,17 @@ def test_fit_follows_the_shape_of_the_keep_ratios():
     assert budget.keep("5.q", ranks) < 0.5 < budget.keep("5.up", ranks)
 
 
+def test_fit_never_touches_layers_without_a_keep_ratio():
+    """The v layers are left out (a study's `dense: [v]`); a shape far above the budget must not pull them in."""
+    budget = Budget(smol_like_linears())
+    keeps = {lid: 0.9 for lid in budget.linears if not lid.endswith(".v")}
+    ranks = budget.fit(keeps, budget.target(0.2))
+    assert not [lid for lid in ranks if lid.endswith(".v")]
+    assert budget.target(0.2) - budget.min_step(ranks) < budget.params(ranks) <= budget.target(0.2)
+    with pytest.raises(BolacoError, match="unknown linears"):
+        budget.fit({"99.q": 0.5}, budget.target(0.2))
+
+
 def test_impossible_budgets_are_refused():
     budget = Budget(smol_like_linears())
     for bad in (-0.1, 1.0, 1.5):

@@ -51,6 +51,9 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
     other = tmp_path / "s40.yaml"      # the same study at another budget, for the perplexity-vs-kept picture
     other.write_text(study.read_text().replace("name: s\n", "name: s40\n").replace("remove: 0.25", "remove: 0.4"))
     assert main(["search", "--study", str(other), "--trials", "2"]) == 0
+    prefixed = tmp_path / "s-x.yaml"   # its BO study, s-x-botorch, starts with "s-" but is not one of s's
+    prefixed.write_text(study.read_text().replace("name: s\n", "name: s-x\n"))
+    assert main(["search", "--study", str(prefixed), "--trials", "1"]) == 0
 
     ppl = ["--ppl", "--corpus", "wikitext2-test", "--seq-len", "16", "--sequences", "4"]
     for model in ("out/s", str(model_dir)):
@@ -71,6 +74,7 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
     assert main(["report", *s, "--compare", str(other)]) == 0
     report = (tmp_path / "out" / "s-report" / "report.md").read_text()
     assert "| s-botorch | 3 |" in report and "| s40-botorch | 2 |" in report and "s-surgical-ppl" in report
+    assert "s-x-botorch" not in report
     assert_picture(tmp_path / "out" / "s-report" / "budgets.png", (640, 400))
     assert "| metric | dense | s |" in report and "WikiText-2 test ppl (seq 16, 4 seqs)" in report
     assert_picture(tmp_path / "out" / "s-report" / "search.png", (640, 400))

@@ -47,7 +47,7 @@ def test_dashboard_lists_the_study_and_trial_user_attrs(tmp_path):
         assert len(detail["trials"]) == 2
         attrs = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}
         assert {"ranks", "params", "compression", "search_ppl", "seconds_apply"} <= set(attrs)
-        assert float(attrs["search_ppl"]) == detail["trials"][0]["values"][0]
+        assert float(attrs["search_nll"]) == detail["trials"][0]["values"][0]
     finally:
         os.kill(proc.pid, signal.SIGTERM)   # the dashboard runs under the PID that bolaco started with
         proc.wait(timeout=20)

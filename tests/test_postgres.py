@@ -80,7 +80,9 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
     retried = [t for t in complete if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number]
     assert len(retried) == 1 and retried[0].params == victim.params
+    allocations = [tuple(sorted(t.user_attrs["ranks"].items())) for t in complete]
+    assert len(set(allocations)) == len(allocations)                  # two workers never repeat an allocation
     workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2                                          # both workers contributed results
     for t in complete:                                                # nothing lost: every result is whole
-        assert t.value == t.user_attrs["search_ppl"] and t.user_attrs["ranks"]
+        assert t.value == t.user_attrs["search_nll"] and t.user_attrs["ranks"]

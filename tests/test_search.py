@@ -1,3 +1,8 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +15,11 @@ from bolaco.study import SearchConfig, Study
 from bolaco.workspace import Workspace
 from conftest import tiny_model
 
+HELPER = Path(__file__).parent / "helpers" / "tiny_worker.py"
 
-def tiny_workspace(tmp_path, sampler="botorch", **search_kw):
-    model = tiny_model("llama", layers=4)
+
+def tiny_workspace(tmp_path, sampler="botorch", layers=4, **search_kw):
+    model = tiny_model("llama", layers=layers)
     g = torch.Generator().manual_seed(0)
     data = {"calibration": torch.randint(0, 300, (8, 16), generator=g),
             "search": torch.randint(0, 300, (4, 16), generator=g)}
@@ -23,74 +30,141 @@ def tiny_workspace(tmp_path, sampler="botorch", **search_kw):
     return ws, ws.compressor(progress=False)
 
 
+def space_of(ws, comp):
+    return search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
+
+
+def finished_allocations(opt):
+    done = opt.get_trials(states=(TrialState.COMPLETE,))
+    return [tuple(sorted(t.user_attrs["ranks"].items())) for t in done]
+
+
 def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_path):
     ws, comp = tiny_workspace(tmp_path)
     opt = search.run(ws, comp, create=True, trials=5, artifacts=str(tmp_path / "artifacts"))
     budget = comp.budget
     target = budget.target(0.3)
     trials = opt.get_trials(states=(TrialState.COMPLETE,))
-    space = search.SearchSpace.from_study(ws.study, ws.adapter, budget)
+    space = space_of(ws, comp)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     for t in trials:
         ranks = t.user_attrs["ranks"]
         assert t.user_attrs["params"] == budget.params(ranks) <= target
         assert target - budget.params(ranks) < budget.min_step(ranks)
-        assert t.user_attrs["search_ppl"] == t.value
-    assert trials[0].user_attrs["allocation"] == "uniform"
-    assert len(set(trials[0].params.values())) == 1
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5   # BoTorch proposes new points
-    for t in trials:   # and every proposal lies on the budget hyperplane before rounding
-        x = torch.tensor([t.params[n] for n in space.names], dtype=torch.float64)
-        assert float(space.coefficients() @ x) == pytest.approx(space.rhs, rel=1e-4)
-    # a heat map per completed trial in the artifact store
-    assert len(list((tmp_path / "artifacts").iterdir())) == 5
+        assert space.ranks(t.params) == ranks                       # the stored point is the evaluated one
+        assert t.value == pytest.approx(math.log(t.user_attrs["search_ppl"]))   # the GP models log-perplexity
+        x = space.vector(t.params)                                   # every point lies on the budget hyperplane
+        assert float(space.coefficients @ x) == pytest.approx(space.rhs, rel=1e-9)
+    assert trials[0].user_attrs["proposal"] == "uniform" and len(set(trials[0].params.values())) == 1
+    assert [t.user_attrs["proposal"] for t in trials[1:]] == ["startup", "startup", "model", "model"]
+    assert len(set(finished_allocations(opt))) == 5
+    assert len(list((tmp_path / "artifacts").iterdir())) == 5       # a heat map per completed trial
 
     again = search.run(ws, comp, create=True, trials=5, artifacts=str(tmp_path / "artifacts"))
     assert len(again.trials) == 5                        # nothing redone
-    more = search.run(ws, comp, create=False, trials=8, artifacts=str(tmp_path / "artifacts"))  # a joining worker
+    more = search.run(ws, comp, create=False, trials=8, artifacts=None)   # a joining worker
     assert [t.number for t in more.get_trials(states=(TrialState.COMPLETE,))] == list(range(8))
+    assert len(set(finished_allocations(more))) == 8
     ranks, best = search.best_ranks(ws.study)
     assert best.value == min(t.value for t in more.trials) and ranks == best.user_attrs["ranks"]
+    assert search.summary(more)["proposals"] == {"uniform": 1, "startup": 2, "model": 5}
 
 
-@pytest.mark.parametrize("sampler", ["gp", "tpe", "random"])
-def test_other_samplers_are_projected_onto_the_same_budget(tmp_path, sampler):
-    ws, comp = tiny_workspace(tmp_path, sampler=sampler)
-    opt = search.run(ws, comp, create=True, trials=3, artifacts=None)
+def test_a_resume_in_the_middle_of_start_up_draws_new_points(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, startup=6)
+    search.run(ws, comp, create=True, trials=3, artifacts=None)
+    opt = search.run(ws, comp, create=True, trials=6, artifacts=None)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.user_attrs["proposal"] for t in trials] == ["uniform"] + ["startup"] * 5
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert len(set(finished_allocations(opt))) == 6
+
+
+@pytest.mark.parametrize("sampler", ["botorch", "gp", "tpe", "random"])
+def test_every_sampler_meets_the_budget_and_leaves_dense_types_alone(tmp_path, sampler):
+    ws, comp = tiny_workspace(tmp_path, sampler=sampler, dense=("v",), r_min=0.5, startup=2)
+    opt = search.run(ws, comp, create=True, trials=5, artifacts=None)
     target = comp.budget.target(0.3)
-    for t in opt.trials:
-        assert t.state == TrialState.COMPLETE
-        assert target - comp.budget.min_step(t.user_attrs["ranks"]) < t.user_attrs["params"] <= target
+    space = space_of(ws, comp)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 5 and len(set(finished_allocations(opt))) == 5
+    for t in trials:
+        ranks = t.user_attrs["ranks"]
+        assert not [lid for lid in ranks if lid.endswith(".v")]
+        assert target - comp.budget.min_step(ranks) < t.user_attrs["params"] <= target
+        assert all(0.5 <= v <= 1 for v in t.params.values())
+        assert float(space.coefficients @ space.vector(t.params)) == pytest.approx(space.rhs, rel=1e-9)
+    if sampler != "random":
+        assert trials[-1].user_attrs["proposal"] == "model"
 
 
-def test_search_space_layout_ties_and_dense_types(tmp_path):
+def test_search_space_parameterisations(tmp_path):
     ws, comp = tiny_workspace(tmp_path, tie=(("q", "k"),), dense=("v",))
-    space = search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
-    assert len(space.names) == 2 * 5 and "q+k.b0-1" in space.names
-    assert space.variables["q+k.b2-3"] == ["2.q", "2.k", "3.q", "3.k"]
+    space = space_of(ws, comp)
+    assert space.dim == 2 * 5 and "q+k.b0-1" in space.names
+    column = space.names.index("q+k.b2-3")
+    assert [space.lids[i] for i in torch.nonzero(space.weights[:, column]).flatten()] == ["2.q", "2.k", "3.q", "3.k"]
     ranks = space.ranks(space.uniform_point())
     assert not any(lid.endswith(".v") for lid in ranks)
     assert comp.budget.params(ranks) <= comp.budget.target(0.3)
+
+    ws, comp = tiny_workspace(tmp_path, space="types")
+    types = space_of(ws, comp)
+    assert types.names == ("q", "k", "v", "o", "gate", "up", "down")
+    ws, comp = tiny_workspace(tmp_path, space="knots", knots=3, layers=5)
+    knots = space_of(ws, comp)
+    assert knots.dim == 21 and knots.names[:3] == ("q.k0", "q.k1", "q.k2")
+    # block b of 5 sits at 2b/4 on the knots: weights (1,0,0) (.5,.5,0) (0,1,0) (0,.5,.5) (0,0,1)
+    rows = [knots.lids.index(f"{b}.q") for b in range(5)]
+    assert knots.weights[rows, :3].tolist() == [[1, 0, 0], [.5, .5, 0], [0, 1, 0], [0, .5, .5], [0, 0, 1]]
+    assert torch.allclose(knots.weights.sum(1), torch.ones(len(knots.lids), dtype=torch.float64))
+    # projection: onto the plane, inside the box, and the identity on the plane
+    x = torch.linspace(0.2, 1.0, knots.dim, dtype=torch.float64)
+    p = knots.project(x)
+    assert float(knots.coefficients @ p) == pytest.approx(knots.rhs, rel=1e-12)
+    assert float(p.min()) >= knots.r_min and float(p.max()) <= 1
+    assert torch.allclose(knots.project(p), p, rtol=1e-12)
+    z = torch.arange(7, dtype=torch.float64) / 10 + 0.2
+    assert torch.allclose(knots.coarse_of(knots.coarse_lift @ z), z)
+
+
+def test_coarse_to_fine_proposes_one_ratio_per_type_first(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, coarse_trials=5, startup=2)
+    opt = search.run(ws, comp, create=True, trials=7, artifacts=None)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    for t in trials:
+        per_type = {}
+        for name, v in t.params.items():
+            per_type.setdefault(name.split(".")[0], set()).add(round(v, 12))
+        coarse = all(len(vals) == 1 for vals in per_type.values())
+        assert coarse == (t.number < 5), (t.number, per_type)
+    assert [t.user_attrs.get("phase") for t in trials[1:]] == ["coarse"] * 4 + ["fine"] * 2
+    assert trials[-1].user_attrs["proposal"] == "model"
 
 
 def test_bad_search_input_is_refused(tmp_path):
     ws, comp = tiny_workspace(tmp_path, r_min=0.9)
     with pytest.raises(BolacoError, match="cannot meet remove"):
-        search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
+        space_of(ws, comp)
     ws, comp = tiny_workspace(tmp_path, tie=(("q", "qq"),))
     with pytest.raises(BolacoError, match="unknown type 'qq'"):
-        search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
+        space_of(ws, comp)
     with pytest.raises(BolacoError, match="cannot open the study storage"):
         search.open_storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
     ws, comp = tiny_workspace(tmp_path)
     with pytest.raises(BolacoError, match="start it with `make study`"):
         search.run(ws, comp, create=False)
+    search.run(ws, comp, create=True, trials=1, artifacts=None)
+    ws.study = ws.study.with_overrides(search=SearchConfig(**{**ws.study.search.__dict__, "space": "types"}))
+    with pytest.raises(BolacoError, match="created with another variables, space"):
+        search.run(ws, comp, create=True, trials=2, artifacts=None)
 
 
 def test_malformed_study_files_are_refused(tmp_path):
     from bolaco.study import load_study
     cases = {"sampler: cmaes": "unknown sampler", "trials: 0": "trials >= 1", "colour: red": "unknown key",
-             "tie: [[q, k]]\n  nonsense: 1": "unknown key"}
+             "tie: [[q, k]]\n  nonsense: 1": "unknown key", "space: spline": "unknown search space",
+             "objective: bleu": "unknown search objective", "coarse_trials: 5\n  sampler: gp": "needs sampler botorch"}
     for body, message in cases.items():
         f = tmp_path / "s.yaml"
         f.write_text("name: s\nsearch:\n  " + body + "\n")
@@ -101,27 +175,69 @@ def test_malformed_study_files_are_refused(tmp_path):
         load_study(f)
 
 
-def test_kl_term_enters_the_objective(tmp_path):
-    ws, comp = tiny_workspace(tmp_path, sampler="random", kl_weight=10.0)
+@pytest.mark.parametrize("objective", ["kl", "ppl+kl"])
+def test_kl_objectives(tmp_path, objective):
+    ws, comp = tiny_workspace(tmp_path, sampler="random", objective=objective, kl_weight=10.0)
     opt = search.run(ws, comp, create=True, trials=2, artifacts=None)
     for t in opt.trials:
-        assert t.user_attrs["search_kl"] > 0
-        assert t.value == pytest.approx(t.user_attrs["search_ppl"] + 10.0 * t.user_attrs["search_kl"])
+        kl, nll = t.user_attrs["search_kl"], t.user_attrs["search_nll"]
+        assert kl > 0
+        assert t.value == pytest.approx(kl if objective == "kl" else nll + 10.0 * kl)
 
 
-def test_a_failed_acquisition_optimisation_falls_back_to_the_polytope(tmp_path, monkeypatch):
-    import botorch.optim
-    from botorch.exceptions.errors import CandidateGenerationError
+def test_a_failed_model_step_is_recorded_and_counted(tmp_path, monkeypatch):
+    from bolaco.search import sampler as sampler_module
 
     def fail(*args, **kwargs):
-        raise CandidateGenerationError("Optimization failed: Iteration limit reached")
+        raise RuntimeError("Optimization failed: Iteration limit reached")
 
-    monkeypatch.setattr(botorch.optim, "optimize_acqf", fail)
+    monkeypatch.setattr(sampler_module, "botorch_step", fail)
     ws, comp = tiny_workspace(tmp_path, startup=1)
-    with pytest.warns(UserWarning, match="could not optimise the acquisition"):
-        opt = search.run(ws, comp, create=True, trials=3, artifacts=None)
-    assert [t.state for t in opt.trials] == [TrialState.COMPLETE] * 3
-    space = search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
-    for t in opt.trials[1:]:   # fallback points lie on the budget hyperplane
-        x = torch.tensor([t.params[n] for n in space.names], dtype=torch.float64)
-        assert float(space.coefficients() @ x) == pytest.approx(space.rhs, rel=1e-6)
+    with pytest.warns(UserWarning, match="sampler failed on trial"):
+        opt = search.run(ws, comp, create=True, trials=4, artifacts=None)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.user_attrs["proposal"] for t in trials] == ["uniform", "startup", "fallback-acqf", "fallback-acqf"]
+    assert "Iteration limit" in trials[-1].user_attrs["error"]
+    assert search.summary(opt)["proposals"]["fallback-acqf"] == 2
+    space = space_of(ws, comp)
+    for t in trials:   # fallback points lie on the budget hyperplane
+        assert float(space.coefficients @ space.vector(t.params)) == pytest.approx(space.rhs, rel=1e-9)
+
+
+def test_a_proposal_that_repeats_a_stored_allocation_is_replaced(tmp_path, monkeypatch):
+    from bolaco.search import sampler as sampler_module
+    ws, comp = tiny_workspace(tmp_path, startup=1)
+    space = space_of(ws, comp)
+    uniform = space.to_unit(space.vector(space.uniform_point()))
+    monkeypatch.setattr(sampler_module, "botorch_step", lambda *a, **k: (uniform, None))
+    opt = search.run(ws, comp, create=True, trials=4, artifacts=None)
+    assert [t.user_attrs["proposal"] for t in opt.trials] == ["uniform", "startup", "fallback-duplicate",
+                                                              "fallback-duplicate"]
+    assert len(set(finished_allocations(opt))) == 4
+
+
+def test_proposing_ahead_evaluates_distinct_trials(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, startup=2)
+    opt = search.run(ws, comp, create=True, trials=6, artifacts=None, prefetch=True)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 6 and len(set(finished_allocations(opt))) == 6
+    assert not opt.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_two_worker_processes_never_repeat_an_allocation(tmp_path):
+    """Two `bolaco worker`-like processes on one SQLite study, started together, each with the same study file."""
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, str(HELPER), storage, str(tmp_path)]
+    first = subprocess.run(cmd + ["1", "create", "fast"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    workers = [subprocess.Popen(cmd + ["9", "join", "fast"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    import optuna
+    opt = optuna.load_study(study_name="tiny-botorch", storage=storage)
+    allocations = finished_allocations(opt)
+    assert len(allocations) >= 9 and len(set(allocations)) == len(allocations)
+    assert len({t.user_attrs["worker"] for t in opt.get_trials(states=(TrialState.COMPLETE,))[1:]}) == 2

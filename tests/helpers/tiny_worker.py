@@ -1,14 +1,15 @@
-"""A bolaco worker process on the tiny test model: `python tiny_worker.py STORAGE CACHE_DIR TRIALS create|join`.
+"""A bolaco worker process on the tiny test model:
+`python tiny_worker.py STORAGE CACHE_DIR TRIALS create|join [slow|fast]`.
 
-Each evaluation is slowed down so that the test can kill a worker in the middle of a trial."""
+A slow worker sleeps before each evaluation so that a test can kill it in the middle of a trial."""
 
 import sys
 import time
 
 from bolaco import perplexity as ppl_module
-from bolaco import search
+from bolaco.search import worker as search_worker
 
-search.HEARTBEAT_SECONDS, search.GRACE_SECONDS = 1, 4
+search_worker.HEARTBEAT_SECONDS, search_worker.GRACE_SECONDS = 1, 4
 _real = ppl_module.perplexity
 
 
@@ -17,13 +18,13 @@ def slow_perplexity(*args, **kwargs):
     return _real(*args, **kwargs)
 
 
-ppl_module.perplexity = slow_perplexity
-
 if __name__ == "__main__":
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from test_search import tiny_workspace   # noqa: E402  (the same tiny study as the unit tests)
     storage, cache_dir, trials, mode = sys.argv[1:5]
+    if (sys.argv[5] if len(sys.argv) > 5 else "slow") == "slow":
+        ppl_module.perplexity = slow_perplexity
     ws, comp = tiny_workspace(__import__("pathlib").Path(cache_dir))
     import dataclasses
     ws.study = dataclasses.replace(ws.study, storage=storage)
-    search.run(ws, comp, create=(mode == "create"), trials=int(trials), artifacts=None)
+    search_worker.run(ws, comp, create=(mode == "create"), trials=int(trials), artifacts=None)
