@@ -10,10 +10,14 @@ calibration sequences: mean mu_p and centred covariance C_p. Stored: the pooled 
 Sigma = mean_p C_p, the partition means (mu = mean_p mu_p) and the token count. Partitions have
 equal token counts, so the uncentred second moment over all tokens is exactly
 E[xx^T] = Sigma + mean_p mu_p mu_p^T.
+
+Sums are accumulated in float64; on disk the covariance is the upper triangle in float32 (a quarter of the
+dense float64 matrix; relative error at most 2^-24 per entry), the means stay float64.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,53 @@ from .data import token_hash
 from .errors import BolacoError
 from .model import fingerprint
 from .store import BlockStore, key_hash
+from .stream import capture_block_inputs, execution_device, on_device, run_block
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+
+
+def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (row-major) of a symmetric matrix, in float32."""
+    i, j = torch.triu_indices(m.shape[0], m.shape[0], device=m.device)
+    return m[i, j].float()
+
+
+def unpack_symmetric(v: torch.Tensor, d: int) -> torch.Tensor:
+    """The float64 symmetric matrix whose upper triangle is `v`."""
+    i, j = torch.triu_indices(d, d)
+    m = torch.zeros(d, d, dtype=torch.float64)
+    m[i, j] = v.double()
+    m[j, i] = v.double()
+    return m
+
+
+def gram(z: torch.Tensor) -> torch.Tensor:
+    """z^T z in float32. Half-precision activations on a GPU use the tensor cores with float32 accumulation
+    (the products of half values are exact in float32); elsewhere the product is taken in float32."""
+    if z.is_cuda and z.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(z.T, z, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):   # torch without the out_dtype overload
+            pass
+    z = z.float()
+    return z.T @ z
+
+
+def cache_bytes(adapter: Adapter, partitions: int) -> int:
+    """Bytes the covariance cache of `adapter`'s model takes on disk (before the small JSON files)."""
+    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in (adapter.record_dim(r) for r in RECORDS))
+    return per_block * adapter.n_blocks
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start a cache that the disk cannot hold."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise BolacoError(f"the {what} needs {needed / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB are "
+                          "free: free some space or point cache_dir (--cache-dir) at a larger disk")
 
 
 @dataclass(frozen=True)
@@ -54,7 +103,7 @@ class _Accumulator:
 
     def __init__(self, dim: int, device: torch.device):
         self.dim, self.device = dim, device
-        self.shift: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None   # float32 inputs only: half ones keep their exact products
         self.cov_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.means: list[torch.Tensor] = []
         self.count = 0
@@ -66,12 +115,12 @@ class _Accumulator:
         self.s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.dim).float()
+        x = x.detach().reshape(-1, self.dim)
         if self.shift is None:
-            self.shift = x.mean(0)
-        z = x - self.shift
+            self.shift = x.float().mean(0) if x.dtype == torch.float32 else torch.zeros(self.dim, device=x.device)
+        z = x - self.shift if x.dtype == torch.float32 else x
         self.s1 += z.sum(0, dtype=torch.float64)
-        self.s2 += (z.T @ z).double()
+        self.s2 += gram(z).double()
         self.n += z.shape[0]
 
     def end_partition(self) -> None:
@@ -98,7 +147,8 @@ class CovarianceCache:
 
     def moments(self, block: int, record: str) -> Moments:
         t = self.store.read(block)
-        return Moments(t[f"{record}.cov"], t[f"{record}.partition_means"], int(t[f"{record}.count"].item()))
+        means = t[f"{record}.partition_means"]
+        return Moments(unpack_symmetric(t[f"{record}.cov"], means.shape[1]), means, int(t[f"{record}.count"].item()))
 
 
 def cache_key(model: torch.nn.Module, calibration: torch.Tensor, partitions: int) -> dict:
@@ -111,39 +161,12 @@ def cache_dir(cache_root: str | Path, key: dict) -> Path:
     return Path(cache_root) / key_hash(key)
 
 
-def _capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor]):
-    """Hidden states and keyword arguments (positions, masks) with which the model calls block 0."""
-
-    class _Captured(Exception):
-        pass
-
-    captured = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _Captured
-
-    handle = adapter.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions: int = 1, batch_size: int = 8,
-            progress: bool = True) -> CovarianceCache:
-    """Collect (or resume, or reuse) the covariance cache of `model` on `calibration` (N, seq_len) token ids."""
+            progress: bool = True, device: str | torch.device | None = None) -> CovarianceCache:
+    """Collect (or resume, or reuse) the covariance cache of `model` on `calibration` (N, seq_len) token ids.
+
+    device: where the blocks run (default: where the model is). A model in CPU memory with a GPU device
+    streams: each block visits the GPU for its own pass only."""
     adapter = Adapter(model)
     n_seq, seq_len = calibration.shape
     if n_seq == 0:
@@ -154,14 +177,17 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
     if seq_len > adapter.max_seq_len:
         raise BolacoError(f"seq_len {seq_len} is longer than the model allows ({adapter.max_seq_len})")
     key = cache_key(model, calibration, partitions)
-    store = BlockStore(cache_dir(cache_root, key) / "covariance", key, adapter.n_blocks, "covariance")
+    folder = cache_dir(cache_root, key) / "covariance"
+    if not (folder / "manifest.json").exists():
+        check_disk(folder, cache_bytes(adapter, partitions), "covariance cache")
+    store = BlockStore(folder, key, adapter.n_blocks, "covariance")
     todo = [b for b in range(adapter.n_blocks) if not store.has(b)]
     if not todo:
         return CovarianceCache(store)
 
-    device = next(model.parameters()).device
+    device = execution_device(model, device)
     per_part = n_seq // partitions
-    batches = [calibration[s:s + min(batch_size, p * per_part + per_part - s)].to(device)
+    batches = [calibration[s:s + min(batch_size, p * per_part + per_part - s)]
                for p in range(partitions) for s in range(p * per_part, (p + 1) * per_part, batch_size)]
     batch_partition = [p for p in range(partitions) for _ in range(p * per_part, (p + 1) * per_part, batch_size)]
     tokens = n_seq * seq_len
@@ -169,30 +195,33 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                disable=not progress)
     start, done = time.perf_counter(), 0
     with torch.inference_mode():
-        states = _capture_block_inputs(model, adapter, batches)
+        states = capture_block_inputs(model, adapter, batches, device)
         for b, block in enumerate(adapter.blocks):
-            if store.has(b):   # finished earlier: only move the hidden states on
-                states = [(_run_block(block, h, kw), kw) for h, kw in states]
-                continue
-            records = adapter.block_records(b)
-            acc = {r: _Accumulator(adapter.record_dim(r), device) for r in RECORDS}
-            hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
-                lambda _m, args, r=r: acc[r].add(args[0])) for r in RECORDS]
-            try:
-                new_states = []
-                for i, (h, kw) in enumerate(states):
-                    new_states.append((_run_block(block, h, kw), kw))
-                    if i + 1 == len(states) or batch_partition[i + 1] != batch_partition[i]:
-                        for a in acc.values():
-                            a.end_partition()
-            finally:
-                for h in hooks:
-                    h.remove()
+            if b > max(todo):
+                break
+            with on_device(model, block, device):
+                if store.has(b):   # finished earlier: only move the hidden states on
+                    states = [(run_block(block, h, kw), kw) for h, kw in states]
+                    continue
+                records = adapter.block_records(b)
+                acc = {r: _Accumulator(adapter.record_dim(r), device) for r in RECORDS}
+                hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
+                    lambda _m, args, r=r: acc[r].add(args[0])) for r in RECORDS]
+                try:
+                    new_states = []
+                    for i, (h, kw) in enumerate(states):
+                        new_states.append((run_block(block, h, kw), kw))
+                        if i + 1 == len(states) or batch_partition[i + 1] != batch_partition[i]:
+                            for a in acc.values():
+                                a.end_partition()
+                finally:
+                    for h in hooks:
+                        h.remove()
             states = new_states
             tensors = {}
             for r, a in acc.items():
                 m = a.moments()
-                tensors.update({f"{r}.cov": m.cov.cpu(), f"{r}.partition_means": m.partition_means.cpu(),
+                tensors.update({f"{r}.cov": pack_symmetric(m.cov).cpu(), f"{r}.partition_means": m.partition_means.cpu(),
                                 f"{r}.count": torch.tensor([m.count])})
             store.write(b, tensors)
             done += 1

@@ -113,34 +113,58 @@ class RoleSpec:
         return range(start, stop)
 
 
-def check_roles(roles: dict[str, RoleSpec], totals: dict[str, int]) -> dict[str, range]:
-    """Resolve the roles to sequence ranges and refuse any overlap or any use of test data for fitting."""
+Role = RoleSpec | tuple[RoleSpec, ...]    # one range, or a mixture of ranges (of one or several corpora)
+
+
+def role_parts(role: Role) -> tuple[RoleSpec, ...]:
+    return role if isinstance(role, tuple) else (role,)
+
+
+def describe(role: Role) -> str:
+    return " + ".join(f"{p.corpus}[{p.start}:{'' if p.sequences is None else p.start + p.sequences}]"
+                      for p in role_parts(role))
+
+
+def check_roles(roles: dict[str, Role], totals: dict[str, int]) -> dict[str, list[range]]:
+    """Resolve the roles to sequence ranges (one per part) and refuse any overlap or any use of test data
+    for fitting."""
     missing = [r for r in roles if r not in ROLES]
     if missing:
         raise BolacoError(f"unknown data role(s) {missing}; roles are {', '.join(ROLES)}")
-    ranges = {role: spec.resolve(totals[spec.corpus], role) for role, spec in roles.items()}
+    ranges = {role: [p.resolve(totals[p.corpus], role) for p in role_parts(spec)] for role, spec in roles.items()}
     for role in FITTING_ROLES:
-        spec = roles.get(role)
-        if spec is not None and CORPORA[spec.corpus].split == "test":
-            raise BolacoError(f"{role} data may not come from the test split '{spec.corpus}': "
-                              "test data is for reported numbers only")
+        for p in role_parts(roles.get(role, ())):
+            if CORPORA[p.corpus].split == "test":
+                raise BolacoError(f"{role} data may not come from the test split '{p.corpus}': "
+                                  "test data is for reported numbers only")
     names = list(roles)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if roles[a].corpus == roles[b].corpus and frozenset((a, b)) not in MAY_OVERLAP:
-                ra, rb = ranges[a], ranges[b]
-                if max(ra.start, rb.start) < min(ra.stop, rb.stop):
-                    raise BolacoError(f"{a} and {b} data overlap in '{roles[a].corpus}' "
-                                      f"(sequences [{ra.start}, {ra.stop}) and [{rb.start}, {rb.stop})): roles must be disjoint")
+        for b in names[i:]:
+            for pi, (pa, ra) in enumerate(zip(role_parts(roles[a]), ranges[a])):
+                for pj, (pb, rb) in enumerate(zip(role_parts(roles[b]), ranges[b])):
+                    if (a, pi) >= (b, pj) or pa.corpus != pb.corpus or frozenset((a, b)) in MAY_OVERLAP:
+                        continue
+                    if max(ra.start, rb.start) < min(ra.stop, rb.stop):
+                        raise BolacoError(f"{a} and {b} data overlap in '{pa.corpus}' (sequences [{ra.start}, "
+                                          f"{ra.stop}) and [{rb.start}, {rb.stop})): roles must be disjoint")
     return ranges
 
 
-def role_sequences(roles: dict[str, RoleSpec], tokenizer, seq_len: int,
+def role_sequences(roles: dict[str, Role], tokenizer, seq_len: int,
                    data_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Token tensors (N, seq_len) for each role, after the disjointness check."""
-    packed = {c: tokenize_corpus(c, tokenizer, seq_len, data_dir) for c in {s.corpus for s in roles.values()}}
+    """Token tensors (N, seq_len) for each role (the parts of a mixture one after the other), after the
+    disjointness check."""
+    corpora = {p.corpus for spec in roles.values() for p in role_parts(spec)}
+    packed = {c: tokenize_corpus(c, tokenizer, seq_len, data_dir) for c in corpora}
     ranges = check_roles(roles, {c: len(t) for c, t in packed.items()})
-    return {role: packed[roles[role].corpus][ranges[role].start:ranges[role].stop] for role in roles}
+    return {role: torch.cat([packed[p.corpus][r.start:r.stop] for p, r in zip(role_parts(spec), ranges[role])])
+            for role, spec in roles.items()}
+
+
+def same_source(a: Role, b: Role) -> list[str]:
+    """Corpora families (wikitext2, ptb, c4) that two roles share, e.g. a training set and a test set."""
+    fam = lambda role: {p.corpus.split("-")[0] for p in role_parts(role)}   # noqa: E731
+    return sorted(fam(a) & fam(b))
 
 
 def token_hash(ids: torch.Tensor) -> str:

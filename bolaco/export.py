@@ -1,8 +1,9 @@
 """Export and load compressed models (DESIGN 2.9): safetensors + JSON only, really smaller on disk.
 
 An exported directory holds `model.safetensors` (factors of the low-rank layers and the remaining
-dense weights; tied weights stored once), the base architecture's `config.json`, `bolaco.json`
-(rank map, method, budget, provenance) and the tokenizer.
+dense weights; tied weights stored once) or, above the shard size, `model-0000i-of-0000n.safetensors`
+shards with `model.safetensors.index.json` (Hugging Face's layout), the base architecture's `config.json`,
+`bolaco.json` (rank map, method, budget, provenance) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__
@@ -22,6 +24,21 @@ from .decompose import LowRankLinear
 from .errors import BolacoError
 
 FORMAT = 1
+INDEX = "model.safetensors.index.json"
+
+
+def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The state dict of model.safetensors, or of every shard named by the index."""
+    if weights.name != INDEX:
+        return load_file(weights)
+    try:
+        shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise BolacoError(f"{weights} is corrupt ({exc}): export the model again")
+    state = {}
+    for shard in shards:
+        state.update(load_file(weights.parent / shard))
+    return state
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -36,12 +53,16 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else name
         if key not in seen:
             seen.add(key)
-            out[name] = t.detach().contiguous()
+            t = t.detach().contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():   # a slice of the cached factors
+                t = t.clone()
+            out[name] = t
     return out
 
 
-def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict) -> Path:
-    """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`."""
+def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, shard_size: str | int = "5GB") -> Path:
+    """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`, in safetensors
+    shards of at most `shard_size`."""
     adapter = Adapter(model)
     lowrank = {lid for lid in adapter.linears if isinstance(adapter.module(lid), LowRankLinear)}
     if lowrank != set(ranks):
@@ -52,7 +73,9 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict) ->
     config.pop("quantization_config", None)      # a dequantized GGUF model is a plain float model now
     config.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    save_file(_unique_state(model), out / "model.safetensors", metadata={"format": "pt"})
+    for old in [*out.glob("model*.safetensors"), out / INDEX]:   # a previous export with other sharding
+        old.unlink(missing_ok=True)
+    save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
     biased = sorted(lid for lid in ranks if adapter.module(lid).up.bias is not None)
     dense_biased = sorted(lid for lid, li in adapter.linears.items() if li.bias)
     meta = {"format": FORMAT, "bolaco_version": __version__, "ranks": ranks, "lowrank_bias": biased,
@@ -67,7 +90,8 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict) ->
 def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
     """Rebuild an exported model: the base architecture with LowRankLinear layers, weights from safetensors."""
     path = Path(path)
-    meta_path, weights = path / "bolaco.json", path / "model.safetensors"
+    meta_path = path / "bolaco.json"
+    weights = path / INDEX if (path / INDEX).is_file() else path / "model.safetensors"
     for f in (meta_path, weights, path / "config.json"):
         if not f.is_file():
             raise BolacoError(f"{path} is not a bolaco export: {f.name} is missing")
@@ -79,7 +103,7 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     if meta.get("format") != FORMAT:
         raise BolacoError(f"{path} was written in bolaco export format {meta.get('format')}; this bolaco reads {FORMAT}")
     config = AutoConfig.from_pretrained(path)
-    state = load_file(weights)
+    state = _load_weights(weights)
     dtype = dtype or next(iter(state.values())).dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

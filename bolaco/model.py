@@ -52,14 +52,24 @@ def resolve(spec: str | None) -> ModelSource:
     return ModelSource(spec)
 
 
-def load(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
-         trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
-    """Load model and tokenizer in eval mode. An exported bolaco directory loads through `bolaco.export`."""
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    return name if isinstance(name, torch.dtype) else getattr(torch, name)
+
+
+def load(spec: str | None = None, dtype: str | torch.dtype = torch.float32, device: str | None = None,
+         trust_remote_code: bool = False, device_map: str | None = None) -> tuple[PreTrainedModel, object]:
+    """Load model and tokenizer in eval mode, in `dtype`, on `device`, or placed by accelerate with
+    `device_map` ("auto": across the GPUs of the node, offloading what does not fit; or one device name).
+    An exported bolaco directory loads through `bolaco.export`."""
     src = resolve(spec)
+    dtype = torch_dtype(dtype)
     if src.gguf_file is None and (Path(src.location) / "bolaco.json").is_file():
         from .export import load_compressed
-        return load_compressed(src.location, device=device)
+        return load_compressed(src.location, device=device, dtype=dtype)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        device = None
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, trust_remote_code=trust_remote_code,

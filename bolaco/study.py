@@ -10,13 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from .data import ROLES, RoleSpec
+from .data import ROLES, Role, RoleSpec
 from .errors import BolacoError
 
 METHODS = ("feature", "feature-uncentred", "weight")
 SAMPLERS = ("botorch", "gp", "tpe", "random")
 SPACES = ("groups", "types", "knots")
-OBJECTIVES = ("ppl", "kl", "ppl+kl")     # search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
+OBJECTIVES = ("ppl", "kl", "ppl+kl")
+DTYPES = ("float32", "bfloat16", "float16")     # search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
 PRUNERS = ("none", "median")
 FINETUNE_VARIANTS = ("lora", "scaling")
 
@@ -47,6 +48,7 @@ class FinetuneConfig:
     lora_alpha: int = 16
     seed: int = 0
     checkpoint_every: int = 25
+    distill: float = 0.0             # loss = CE + distill * KL(dense || model) on the same tokens (0: off)
 
 
 @dataclass(frozen=True)
@@ -67,20 +69,26 @@ class SearchConfig:
     kl_weight: float = 1.0           # objective ppl+kl: NLL + kl_weight * KL(compressed || dense), nats per token
     pruner: str = "none"
     prefetch: bool | str = "auto"    # propose the next trial while one evaluates; auto: on a GPU
+    refit: bool = False              # closed-loop refit inside every trial (costs ~4 calibration passes; GPU)
 
 
 @dataclass(frozen=True)
 class Study:
     name: str
     model: str = "default"
+    dtype: str = "float32"           # the model's weights; statistics and bases are float32/float64 regardless
+    device_map: str | None = None    # None: one device (--device); "auto": across a node's GPUs via accelerate
     seq_len: int = 256
-    data: dict[str, RoleSpec] = field(default_factory=dict)
+    data: dict[str, Role] = field(default_factory=dict)
     data_dir: str | None = None
     partitions: int = 1
     batch_size: int = 8
     remove: float = 0.2              # fraction of the decomposable parameters removed
     method: str = "feature"
     rank_multiple: int = 8
+    refit: bool = True               # closed-loop refit of the exported allocation (bolaco.refit)
+    refit_ridge: float = 1e-4        # ridge of the refit's regression, relative to the mean input variance
+    shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -114,7 +122,7 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"study file {path} must be a YAML mapping")
     where = f"study file {path}"
     top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search",
-           "finetune", "surgical"}
+           "finetune", "surgical", "export"}
     unknown = set(raw) - top
     if unknown:
         raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
@@ -122,25 +130,44 @@ def load_study(path: str | Path) -> Study:
     roles = {}
     for role in ROLES:
         if role in data:
-            spec = data[role]
-            if not isinstance(spec, dict) or "corpus" not in spec or set(spec) - {"corpus", "start", "sequences"}:
-                raise BolacoError(f"{where}: data.{role} needs 'corpus' and optional 'start', 'sequences'")
-            roles[role] = RoleSpec(str(spec["corpus"]), int(spec.get("start", 0)),
-                                   None if spec.get("sequences") in (None, "all") else int(spec["sequences"]))
+            specs = data[role] if isinstance(data[role], list) else [data[role]]
+            parts = []
+            for spec in specs:
+                if not isinstance(spec, dict) or "corpus" not in spec or set(spec) - {"corpus", "start", "sequences"}:
+                    raise BolacoError(f"{where}: data.{role} needs 'corpus' and optional 'start', 'sequences' "
+                                      "(or a list of such ranges, for a mixture)")
+                parts.append(RoleSpec(str(spec["corpus"]), int(spec.get("start", 0)),
+                                      None if spec.get("sequences") in (None, "all") else int(spec["sequences"])))
+            if not parts:
+                raise BolacoError(f"{where}: data.{role} is an empty list")
+            roles[role] = parts[0] if len(parts) == 1 else tuple(parts)
+    model = raw.get("model", "default")
+    if isinstance(model, dict):
+        unknown = set(model) - {"path", "dtype", "device_map"}
+        if unknown or "path" not in model:
+            raise BolacoError(f"{where}: model is a path, or a mapping with 'path' and optional 'dtype', 'device_map'")
+    else:
+        model = {"path": model}
     collect = _section(raw, "collect", {"partitions", "batch_size"}, where)
     budget = _section(raw, "budget", {"remove"}, where)
-    decompose = _section(raw, "decompose", {"method", "rank_multiple"}, where)
+    decompose = _section(raw, "decompose", {"method", "rank_multiple", "refit", "refit_ridge"}, where)
+    export = _section(raw, "export", {"shard_size"}, where)
     search = _section(raw, "search", {f.name for f in fields(SearchConfig)}, where)
     finetune = _section(raw, "finetune", {f.name for f in fields(FinetuneConfig)}, where)
     surgical = _section(raw, "surgical", {f.name for f in fields(SurgicalConfig)}, where)
     try:
         search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
                                      "dense": tuple(str(t) for t in search.get("dense", ()))})
-        study = Study(name=str(raw.get("name") or path.stem), model=str(raw.get("model", "default")),
+        study = Study(name=str(raw.get("name") or path.stem), model=str(model["path"]),
+                      dtype=str(model.get("dtype", "float32")),
+                      device_map=None if model.get("device_map") is None else str(model["device_map"]),
                       seq_len=int(raw.get("seq_len", 256)), data=roles, data_dir=data.get("dir"),
                       partitions=int(collect.get("partitions", 1)), batch_size=int(collect.get("batch_size", 8)),
                       remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
                       rank_multiple=int(decompose.get("rank_multiple", 8)),
+                      refit=bool(decompose.get("refit", Study.refit)),
+                      refit_ridge=float(decompose.get("refit_ridge", Study.refit_ridge)),
+                      shard_size=str(export.get("shard_size", Study.shard_size)),
                       storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
                       search=search_cfg, finetune=FinetuneConfig(**finetune),
                       surgical=SurgicalConfig(**{**surgical, **{k: tuple(surgical[k]) for k in ("types", "fractions")
@@ -148,6 +175,10 @@ def load_study(path: str | Path) -> Study:
                       path=str(path))
     except (TypeError, ValueError) as exc:
         raise BolacoError(f"{where}: {exc}")
+    if study.dtype not in DTYPES:
+        raise BolacoError(f"{where}: unknown model dtype '{study.dtype}' (choose from {', '.join(DTYPES)})")
+    if study.refit_ridge < 0 or study.finetune.distill < 0:
+        raise BolacoError(f"{where}: decompose.refit_ridge and finetune.distill must be >= 0")
     if study.method not in METHODS:
         raise BolacoError(f"{where}: unknown method '{study.method}' (choose from {', '.join(METHODS)})")
     sc = study.search

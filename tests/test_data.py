@@ -17,7 +17,19 @@ def test_roles_resolve_and_must_be_disjoint():
     ranges = check_roles({"calibration": RoleSpec("wikitext2-valid", 0, 64),
                           "search": RoleSpec("wikitext2-valid", -32, 32),
                           "test": RoleSpec("wikitext2-test")}, totals)
-    assert ranges == {"calibration": range(0, 64), "search": range(68, 100), "test": range(0, 50)}
+    assert ranges == {"calibration": [range(0, 64)], "search": [range(68, 100)], "test": [range(0, 50)]}
+    # a mixture: each part is checked against every other part of every role
+    mixed = check_roles({"calibration": (RoleSpec("wikitext2-valid", 0, 32), RoleSpec("c4-valid", 0, 32)),
+                         "search": (RoleSpec("wikitext2-valid", -16, 16), RoleSpec("c4-valid", -16, 16))},
+                        {**totals, "c4-valid": 80})
+    assert mixed["search"] == [range(84, 100), range(64, 80)]
+    with pytest.raises(BolacoError, match="overlap in 'c4-valid'"):
+        check_roles({"calibration": (RoleSpec("wikitext2-valid", 0, 32), RoleSpec("c4-valid", 0, 70)),
+                     "search": (RoleSpec("wikitext2-valid", -16, 16), RoleSpec("c4-valid", -16, 16))},
+                    {**totals, "c4-valid": 80})
+    with pytest.raises(BolacoError, match="overlap in 'c4-valid'"):   # two parts of one role
+        check_roles({"calibration": (RoleSpec("c4-valid", 0, 40), RoleSpec("c4-valid", 30, 10))},
+                    {**totals, "c4-valid": 80})
     with pytest.raises(BolacoError, match="overlap"):
         check_roles({"calibration": RoleSpec("wikitext2-valid", 0, 70),
                      "search": RoleSpec("wikitext2-valid", -32, 32)}, totals)

@@ -37,3 +37,28 @@ def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, token
     assert saved < dense_file
     generated = loaded.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 5)
+
+
+def test_a_large_export_is_sharded_and_loads_back_with_refitted_layers(tmp_path, tokenizer):
+    from bolaco.refit import refit
+    model = tiny_model("llama", vocab_size=len(tokenizer), layers=3)
+    calibration = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
+    adapter, comp = uniform_compressor(model, calibration, tmp_path / "cache")
+    ranks = {lid: k for lid, k in comp.budget.uniform(0.3).items() if not lid.endswith(".o")}   # o stays dense
+    layers = refit(comp, ranks, calibration, centred=True, progress=False)
+    assert any(type(m) is torch.nn.Linear for m in layers.values())      # dense layers after the first change
+    comp.apply(ranks, layers)
+    out = export(model, tokenizer, ranks, tmp_path / "out", {"method": "feature"}, shard_size="40KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    assert all(s.stat().st_size < 60_000 for s in shards)
+    loaded, _ = bolaco.load(out)
+    ids = calibration[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert count_params(loaded) == count_params(model)
+    export(model, tokenizer, ranks, out, {"method": "feature"})           # re-export unsharded replaces the shards
+    assert (out / "model.safetensors").is_file() and not list(out.glob("model-*.safetensors"))
+    assert torch.equal(bolaco.load(out)[0](input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -135,7 +135,10 @@ class Objective:
         """(objective value, the user attrs it recorded)."""
         try:
             t = time.perf_counter()
-            self.comp.apply(ranks)
+            if self.ws.study.search.refit:   # closed-loop refit per trial (a few calibration passes)
+                self.comp.apply(ranks, self.ws.refit(self.comp, ranks, cache=False, progress=False))
+            else:
+                self.comp.apply(ranks)
             applied = time.perf_counter() - t
 
             def report(step, ppl):

@@ -1,0 +1,241 @@
+"""Closed-loop refit of a chosen rank map (DESIGN 2.4b).
+
+Open-loop factors are fitted to the dense model's inputs; at serving time every layer sees the inputs of the
+*compressed* model, and the errors add up over depth. The refit walks the blocks in order with two streams of
+calibration hidden states: the dense model's (x) and the compressed model's (x~, earlier blocks already
+refitted). Inside a block the records are refitted in order (q/k/v, then o, then gate/up, then down), each from
+the inputs that the layers refitted before it produce, so every linear maps the inputs it will really see to
+the dense layer's outputs.
+
+For y = W x + b, with C = Cov(x, x~), S = Cov(x~) + ridge (scaled by the mean variance), S = L L^T:
+- rank k (reduced-rank regression): W* = W C S^-1; Q_k = top-k left singular vectors of B = W C L^-T (the
+  principal directions of the fitted outputs W* x~); down = Q_k^T W*, up = Q_k, bias = W mu + b - up down mu~
+  (the output mean is kept exactly);
+- a layer that stays dense gets the full-rank W* (and the bias term only if it had a bias, so that the
+  parameter count does not change);
+- uncentred variant (methods without a bias term): second moments in place of covariances, bias b unchanged.
+With x~ = x and no ridge this is the open-loop centred method. Statistics are float64 sums of float32 chunk
+products; the cost is one dense pass and about 2.6 passes of the compressed block per block. The refitted
+layers are cached per block under a key of (model, calibration, rank map, variant, ridge) and resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import RECORDS, Adapter, parse_linear_id
+from .budget import RankMap
+from .collect import cache_key, gram
+from .decompose import LowRankLinear, wrap_linear
+from .store import BlockStore, key_hash
+from .stream import capture_block_inputs, execution_device, on_device, run_block
+
+REFIT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Paired statistics of the dense input x and the compressed model's input x~ of one record."""
+    mean_x: torch.Tensor     # (d,) float64
+    mean_t: torch.Tensor     # (d,)
+    cross: torch.Tensor      # Cov(x, x~) = E[(x - mu)(x~ - mu~)^T], (d, d)
+    cov_t: torch.Tensor      # Cov(x~)
+    count: int
+
+    def uncentred(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x x~^T], E[x~ x~^T])."""
+        return (self.cross + torch.outer(self.mean_x, self.mean_t), self.cov_t + torch.outer(self.mean_t, self.mean_t))
+
+
+class PairAccumulator:
+    """Float64 sums from float32 chunk products, each stream shifted by its first chunk's mean."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.dim = dim
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)   # noqa: E731
+        self.sx, self.st, self.sxt, self.stt, self.n = z(dim), z(dim), z(dim, dim), z(dim, dim), 0
+        self.shift_x = self.shift_t = None
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        x, t = x.detach().reshape(-1, self.dim).float(), t.detach().reshape(-1, self.dim).float()
+        if self.shift_x is None:
+            self.shift_x, self.shift_t = x.mean(0), t.mean(0)
+        zx, zt = x - self.shift_x, t - self.shift_t
+        self.sx += zx.sum(0, dtype=torch.float64)
+        self.st += zt.sum(0, dtype=torch.float64)
+        self.sxt += (zx.T @ zt).double()
+        self.stt += gram(zt).double()
+        self.n += zx.shape[0]
+
+    def stats(self) -> PairStats:
+        mx, mt = self.sx / self.n, self.st / self.n
+        cov_t = self.stt / self.n - torch.outer(mt, mt)
+        return PairStats(self.shift_x.double() + mx, self.shift_t.double() + mt,
+                         self.sxt / self.n - torch.outer(mx, mt), (cov_t + cov_t.T) / 2, self.n)
+
+
+def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats, rank: int | None,
+               centred: bool, ridge: float) -> dict[str, torch.Tensor]:
+    """The refitted layer in float64: {down, up, bias} at `rank`, or {weight, bias} (full rank) when rank is
+    None. `bias` is absent from the result when the layer gets none."""
+    w = weight.to(stats.cross.device, torch.float64)
+    b = None if bias is None else bias.to(w)
+    if centred:
+        a, s = stats.cross, stats.cov_t
+    else:
+        a, s = stats.uncentred()
+    d = s.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=s.device)
+    lam = ridge * float(torch.diagonal(s).mean().clamp(min=1e-30))
+    root, info = torch.linalg.cholesky_ex(s + lam * eye)
+    while int(info):   # singular even with the ridge: grow it until the factorisation succeeds
+        lam = max(lam * 10, 1e-12)
+        root, info = torch.linalg.cholesky_ex(s + lam * eye)
+    # B = W A L^-T, computed as (L^-1 (W A)^T)^T
+    bmat = torch.linalg.solve_triangular(root, (w @ a).T, upper=False).T
+    out_mean = (w @ stats.mean_x + (b if b is not None else 0)) if centred else None
+    if rank is None:
+        w_star = torch.linalg.solve_triangular(root.T, bmat.T, upper=True).T       # B L^-1 = W A S^-1
+        if centred and b is not None:
+            return {"weight": w_star, "bias": out_mean - w_star @ stats.mean_t}
+        if centred:   # no bias to keep the mean with: the uncentred optimum instead (same parameter count)
+            return fit_linear(weight, None, stats, None, False, ridge)
+        return {"weight": w_star, **({"bias": b} if b is not None else {})}
+    u, _, _ = torch.linalg.svd(bmat, full_matrices=False)
+    q = u[:, :rank]
+    down = torch.linalg.solve_triangular(root.T, (q.T @ bmat).T, upper=True).T      # Q^T W*
+    result = {"down": down, "up": q}
+    if centred:
+        result["bias"] = out_mean - q @ (down @ stats.mean_t)
+    elif b is not None:
+        result["bias"] = b
+    return result
+
+
+def _module(parts: dict[str, torch.Tensor], dense: nn.Linear, dense_bias: bool) -> nn.Module:
+    dt, dev = dense.weight.dtype, dense.weight.device
+    cast = {k: v.to(dev, dt).contiguous() for k, v in parts.items()}
+    if "weight" in cast:
+        return wrap_linear(cast["weight"], cast.get("bias"))
+    return LowRankLinear.from_factors(cast["down"], cast["up"], cast.get("bias"), dense_bias=dense_bias)
+
+
+def _parts_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(module, LowRankLinear):
+        parts = {"down": module.down.weight, "up": module.up.weight}
+        bias = module.up.bias
+    else:
+        parts, bias = {"weight": module.weight}, module.bias
+    if bias is not None:
+        parts["bias"] = bias
+    return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
+
+
+def refit_key(model, calibration: torch.Tensor, ranks: RankMap, centred: bool, ridge: float) -> dict:
+    return {"base": cache_key(model, calibration, 1), "centred": centred, "ridge": ridge, "format": REFIT_FORMAT,
+            "ranks": hashlib.sha256(json.dumps(sorted(ranks.items())).encode()).hexdigest()}
+
+
+class _Stop(Exception):
+    pass
+
+
+def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 1e-4,
+          batch_size: int = 8, cache_root: str | Path | None = None, device: str | torch.device | None = None,
+          progress: bool = True) -> dict[str, nn.Module]:
+    """Refitted layers {linear id: module} for `ranks` (low-rank ones, and dense ones whose inputs changed),
+    fitted on `calibration` (N, seq_len); apply them with `comp.apply(ranks, refitted)`. The model is dense
+    again on return. With `cache_root`, finished blocks are cached and a rerun resumes."""
+    adapter: Adapter = comp.adapter
+    model = adapter.model
+    comp.restore()
+    device = execution_device(model, device)
+    store = None
+    if cache_root is not None:
+        key = refit_key(model, calibration, ranks, centred, ridge)
+        store = BlockStore(Path(cache_root) / f"refit-{key_hash(key)}", key, adapter.n_blocks, "refit")
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    refitted: dict[str, nn.Module] = {}
+    changed = False          # whether the compressed stream differs from the dense one yet
+    bar = tqdm(total=adapter.n_blocks, desc="refit", unit="block", disable=not progress)
+    try:
+        with torch.inference_mode():
+            states = capture_block_inputs(model, adapter, batches, device)
+            dense_h = [h for h, _ in states]
+            comp_h = list(dense_h)
+            kwargs = [kw for _, kw in states]
+            for b, block in enumerate(adapter.blocks):
+                records = adapter.block_records(b)
+                with on_device(model, block, device):
+                    # the dense block: its output and the inputs of its four records
+                    dense_in = {r: [] for r in RECORDS}
+                    hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
+                        lambda _m, a, r=r: dense_in[r].append(a[0])) for r in RECORDS]
+                    try:
+                        next_dense = [run_block(block, h, kw) for h, kw in zip(dense_h, kwargs)]
+                    finally:
+                        for h in hooks:
+                            h.remove()
+                    if store is not None and store.has(b):
+                        saved = store.read(b)
+                        for lid in [l for r in RECORDS for l in records[r]]:
+                            t = parse_linear_id(lid)[1]
+                            parts = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == t}
+                            if parts:
+                                refitted[lid] = _module(parts, comp.dense(lid), adapter.linears[lid].bias)
+                                comp.install(lid, refitted[lid])
+                                changed = True
+                    else:
+                        tensors = {}
+                        for r in RECORDS:
+                            lids = [l for l in records[r] if l in ranks or changed]
+                            if not lids:
+                                continue
+                            stats = _pair_stats(adapter, block, records[r][0], comp_h, kwargs, dense_in[r], device)
+                            for lid in lids:
+                                dense = comp.dense(lid)
+                                parts = fit_linear(dense.weight, dense.bias, stats, ranks.get(lid), centred, ridge)
+                                refitted[lid] = _module(parts, dense, adapter.linears[lid].bias)
+                                comp.install(lid, refitted[lid])
+                                tensors.update({f"{parse_linear_id(lid)[1]}.{k}": v
+                                                for k, v in _parts_of(refitted[lid]).items()})
+                                changed = True
+                        if store is not None:
+                            store.write(b, tensors)
+                    comp_h = [run_block(block, h, kw) for h, kw in zip(comp_h, kwargs)] if changed else next_dense
+                dense_h = next_dense
+                bar.update(1)
+    finally:
+        bar.close()
+        comp.restore()
+    return refitted
+
+
+def _pair_stats(adapter, block, first_lid: str, comp_h, kwargs, dense_inputs, device) -> PairStats:
+    """Run the block on the compressed stream up to the record's first linear (the layers before it already
+    refitted) and accumulate its inputs paired with the dense ones."""
+    acc = PairAccumulator(adapter.linears[first_lid].d_in, device)
+    seen = []
+
+    def stop(_m, a):
+        seen.append(a[0])
+        raise _Stop
+
+    hook = adapter.module(first_lid).register_forward_pre_hook(stop)
+    try:
+        for h, kw, x in zip(comp_h, kwargs, dense_inputs):
+            try:
+                run_block(block, h, kw)
+            except _Stop:
+                pass
+            acc.add(x, seen.pop())
+    finally:
+        hook.remove()
+    return acc.stats()

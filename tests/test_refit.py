@@ -1,0 +1,137 @@
+"""Closed-loop refit: the closed form against explicit float64 least squares, the reductions it must satisfy,
+and the whole walk on tiny models (full rank reproduces the dense model, every block's output error falls,
+the cache resumes)."""
+
+import pytest
+import torch
+
+from bolaco.decompose import LowRankLinear, output_basis
+from bolaco.refit import PairAccumulator, fit_linear, refit
+from conftest import tiny_model, uniform_compressor
+
+
+def _paired(n=3000, d_in=9, d_out=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(n, d_in, **f64) @ torch.randn(d_in, d_in, **f64) + 2 * torch.randn(d_in, **f64)
+    t = x @ (torch.eye(d_in, dtype=torch.float64) + 0.3 * torch.randn(d_in, d_in, **f64)) \
+        + 0.2 * torch.randn(n, d_in, **f64) + 0.5          # the compressed model's (distorted) inputs
+    w, b = torch.randn(d_out, d_in, **f64), torch.randn(d_out, **f64)
+    return x, t, w, b
+
+
+def _stats(x, t, chunk=700):
+    acc = PairAccumulator(x.shape[1], torch.device("cpu"))
+    for i in range(0, len(x), chunk):
+        acc.add(x[i:i + chunk].float(), t[i:i + chunk].float())
+    return acc.stats()
+
+
+def _reference(x, t, w, b, rank, centred):
+    """Reduced-rank regression of the dense outputs on the compressed inputs, by explicit least squares (the
+    uncentred variant fits W x without intercept and keeps b)."""
+    y = x @ w.T + b if centred else x @ w.T
+    design = torch.cat([t, torch.ones(len(t), 1, dtype=torch.float64)], 1) if centred else t
+    coef = torch.linalg.lstsq(design, y).solution           # (d_in [+1], d_out)
+    fitted = design @ coef
+    centre = fitted.mean(0) if centred else torch.zeros(y.shape[1], dtype=torch.float64)
+    u, _, _ = torch.linalg.svd((fitted - centre).T, full_matrices=False)
+    q = u[:, :rank]
+    w_full = coef[:t.shape[1]].T
+    w_k = q @ q.T @ w_full
+    if not centred:
+        return w_k, b
+    return w_k, y.mean(0) - w_k @ t.mean(0)
+
+
+@pytest.mark.parametrize("centred", [True, False])
+@pytest.mark.parametrize("rank", [2, 5, None])
+def test_closed_form_equals_explicit_least_squares(centred, rank):
+    x, t, w, b = _paired()
+    stats = _stats(x, t)
+    got = fit_linear(w, b, stats, rank, centred, ridge=0.0)
+    ref_w, ref_b = _reference(x.float().double(), t.float().double(), w, b, rank or w.shape[0], centred)
+    mat = got["weight"] if rank is None else got["up"] @ got["down"]
+    # float64 sums of float32 chunk products: agreement to float32 precision
+    assert torch.allclose(mat, ref_w, atol=2e-4, rtol=2e-4)
+    assert torch.allclose(got["bias"], ref_b if centred else b, atol=2e-4)
+    if rank is not None:
+        assert torch.allclose(got["up"].T @ got["up"], torch.eye(rank, dtype=torch.float64), atol=1e-9)
+
+
+def test_with_the_dense_inputs_it_is_the_open_loop_centred_method():
+    x, _, w, b = _paired(seed=1)
+    stats = _stats(x, x)
+    for k in (1, 3, 6):
+        got = fit_linear(w, b, stats, k, True, ridge=0.0)
+        q, _ = output_basis(w, stats.cov_t)
+        qk = q[:, :k]
+        assert torch.allclose(got["up"] @ got["down"], qk @ qk.T @ w, atol=1e-5)
+        expected_bias = (torch.eye(7, dtype=torch.float64) - qk @ qk.T) @ (w @ stats.mean_x + b) + qk @ qk.T @ b
+        assert torch.allclose(got["bias"], expected_bias, atol=1e-5)
+    full = fit_linear(w, b, stats, None, True, ridge=0.0)       # and a dense layer is left as it was
+    assert torch.allclose(full["weight"], w, atol=1e-6) and torch.allclose(full["bias"], b, atol=1e-5)
+
+
+def _calibration(seed=4, n=8):
+    return torch.randint(0, 300, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _block_outputs(model, adapter, ids):
+    outs = []
+    hooks = [blk.register_forward_hook(lambda _m, _a, o: outs.append((o[0] if isinstance(o, tuple) else o).double()))
+             for blk in adapter.blocks]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_at_full_rank_the_refit_model_reproduces_the_dense_one(family, tmp_path):
+    model = tiny_model(family)
+    calibration = _calibration()
+    adapter, comp = uniform_compressor(model, calibration, tmp_path)
+    with torch.no_grad():
+        dense = model(input_ids=calibration).logits
+    full = {lid: min(li.d_in, li.d_out) for lid, li in adapter.linears.items()}
+    layers = refit(comp, full, calibration, centred=True, ridge=1e-9, progress=False)
+    assert set(layers) == set(full)
+    for lid, m in layers.items():
+        comp.install(lid, m)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=calibration).logits, dense, atol=1e-3)
+    comp.restore()
+
+
+@pytest.mark.parametrize("method", ["feature", "feature-uncentred"])
+def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(method, tmp_path):
+    model = tiny_model("qwen2", layers=4)
+    calibration = _calibration(n=16)
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, method=method)
+    ranks = comp.budget.uniform(0.4)
+    dense = _block_outputs(model, adapter, calibration)
+    comp.apply(ranks)
+    open_loop = _block_outputs(model, adapter, calibration)
+    centred = method == "feature"
+    layers = refit(comp, ranks, calibration, centred=centred, batch_size=4, cache_root=tmp_path / "refit",
+                   progress=False)
+    assert {l for l in layers if isinstance(layers[l], LowRankLinear)} == set(ranks)
+    assert all(layers[l].rank == k for l, k in ranks.items())
+    comp.apply(ranks, layers)
+    refitted = _block_outputs(model, adapter, calibration)
+    for b, (d, o, r) in enumerate(zip(dense, open_loop, refitted)):
+        assert torch.linalg.norm(r - d) <= torch.linalg.norm(o - d), b
+    assert torch.linalg.norm(refitted[-1] - dense[-1]) < 0.9 * torch.linalg.norm(open_loop[-1] - dense[-1])
+
+    # an interrupted refit (blocks 2 and 3 missing from the cache) resumes to the same layers
+    index = next((tmp_path / "refit").glob("refit-*")) / "index.json"
+    import json
+    done = json.loads(index.read_text())
+    index.write_text(json.dumps({k: v for k, v in done.items() if int(k) < 2}))
+    again = refit(comp, ranks, calibration, centred=centred, batch_size=4, cache_root=tmp_path / "refit",
+                  progress=False)
+    assert set(again) == set(layers)
+    for lid in layers:
+        for (name, p), (_, q) in zip(layers[lid].named_parameters(), again[lid].named_parameters()):
+            assert torch.equal(p, q), (lid, name)
