@@ -56,6 +56,9 @@ def main():
             t = time.perf_counter()
             bases = build_bases(ws.adapter, cov, method)
             timing.append([f"bases build ({method})", time.perf_counter() - t])
+            t = time.perf_counter()
+            bases.load(next(ws.model.parameters()).device, ws.adapter.linears)
+            timing.append([f"bases load into memory ({method})", time.perf_counter() - t])
             comps[method] = Compressor(ws.adapter, bases, make_budget(ws.adapter, method, study.rank_multiple))
         for remove in args.budgets:
             for method, comp in comps.items():

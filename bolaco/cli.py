@@ -112,7 +112,7 @@ def cmd_dashboard(args) -> None:
 def cmd_finetune(args) -> None:
     import hashlib
     from pathlib import Path
-    from .data import role_sequences
+    from .data import describe, role_sequences, same_source
     from .export import count_params, export, load_compressed
     from .finetune import SubspaceTuner
     from .perplexity import perplexity
@@ -128,7 +128,16 @@ def cmd_finetune(args) -> None:
              **{r: study.data[r] for r in ("search", "test") if r in study.data}}
     if roles["train"] is None:
         raise BolacoError(f"study '{study.name}' names no data.train or data.calibration to train on")
+    shared = same_source(roles["train"], roles["test"]) if "test" in roles else []
+    if shared:   # disjoint sequences, same source: the test figure then measures adaptation, not recovery
+        print(f"warning: the training text ({describe(roles['train'])}) comes from the same source as the test set "
+              f"({', '.join(shared)}); its test perplexity measures adaptation to that source, not recovery. "
+              "Set data.train to another corpus (e.g. c4-valid) for a held-out figure.")
     data = role_sequences(roles, tokenizer, study.seq_len, study.data_dir)
+    teacher = None
+    if cfg.distill > 0:
+        from . import model as model_io
+        teacher, _ = model_io.load(study.model, dtype=study.dtype, device=args.device)
 
     def ppl():
         return {r: perplexity(model, data[r], study.batch_size, desc=r).ppl for r in ("search", "test") if r in data}
@@ -136,9 +145,9 @@ def cmd_finetune(args) -> None:
     before = ppl()
     print("before: " + ", ".join(f"{r} ppl {v:.2f}" for r, v in before.items()))
     key = hashlib.sha256(json.dumps([meta["ranks"], meta.get("params"), dataclasses.asdict(cfg),
-                                     roles["train"].__dict__]).encode()).hexdigest()[:12]
+                                     describe(roles["train"])]).encode()).hexdigest()[:12]
     t = time.perf_counter()
-    tuner = SubspaceTuner(model, cfg)
+    tuner = SubspaceTuner(model, cfg, teacher=teacher)
     losses = tuner.fit(data["train"], checkpoint=Path(study.cache_dir).parent / "finetune" / key)
     seconds = time.perf_counter() - t
     model = tuner.merge()
@@ -147,13 +156,14 @@ def cmd_finetune(args) -> None:
           f" ({cfg.steps} steps, {cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len:,} tokens, {seconds:.0f} s)")
     info = {k: v for k, v in meta.items() if k not in ("format", "bolaco_version", "ranks", "lowrank_bias",
                                                         "dense_bias", "params")}
-    info["finetune"] = {**dataclasses.asdict(cfg), "source": str(source), "train_data": roles["train"].__dict__,
+    info["finetune"] = {**dataclasses.asdict(cfg), "source": str(source), "train_data": describe(roles["train"]),
+                        "same_source_as_test": shared,
                         "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len,
                         "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
                         "perplexity_before": before, "perplexity_after": after}
     info["perplexity"] = {"seq_len": study.seq_len, **after}
     out = export(model, tokenizer, {k: int(v) for k, v in meta["ranks"].items()},
-                 args.out or f"{source}-ft-{cfg.variant}", info)
+                 args.out or f"{source}-ft-{cfg.variant}", info, study.shard_size)
     print(f"wrote {out}: {count_params(model):,} parameters (unchanged by merging)")
 
 

@@ -1,12 +1,13 @@
 """Corpora, packing into fixed-length sequences, and the three disjoint data roles.
 
-WikiText-2 raw (valid, test) ships with bolaco (bolaco/resources/wikitext2, CC BY-SA 3.0, see
-ATTRIBUTION.md there). Everything else is read from a data directory: `--data-dir`, else
+WikiText-2 raw (valid, test; CC BY-SA 3.0) and a 2,000-document C4 validation sample (ODC-BY) ship with
+bolaco (bolaco/resources, see ATTRIBUTION.md there). Everything else is read from a data directory: `--data-dir`, else
 $BOLACO_DATA_DIR, else ../shared/data when it exists.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ CORPORA = {
     "wikitext2-test": Corpus("wikitext2/wiki.test.raw", "test", "hf-rows", shipped=True),
     "ptb-valid": Corpus("ptb/ptb.valid.txt", "valid", "lines"),
     "ptb-test": Corpus("ptb/ptb.test.txt", "test", "lines"),
-    "c4-valid": Corpus("c4/c4_validation_2k.jsonl", "valid", "jsonl"),
+    "c4-valid": Corpus("c4/c4_validation_2k.jsonl.gz", "valid", "jsonl", shipped=True),   # ODC-BY, see ATTRIBUTION.md
 }
 
 
@@ -69,7 +70,7 @@ def read_text(name: str, data_dir: str | Path | None = None) -> str:
     """The corpus as one string, joined the way the standard perplexity protocols do."""
     path = corpus_path(name, data_dir)
     layout = CORPORA[name].layout
-    raw = path.read_text(encoding="utf-8")
+    raw = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
     if layout == "hf-rows":
         # Hugging Face's wikitext rows are the file's lines, blank ones as "", then "\n\n".join (GPTQ protocol).
         text = "\n\n".join(line if line.strip() else "" for line in raw.splitlines(keepends=True))

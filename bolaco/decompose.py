@@ -101,6 +101,16 @@ def input_root(moment: torch.Tensor) -> torch.Tensor:
     return evecs * evals.clamp(min=0).sqrt()
 
 
+def left_singular(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors of b and the squared singular values, descending: eigh of b b^T when b is not tall,
+    the thin SVD of b when it is (LAPACK's SVD of a wide matrix is many times slower than either)."""
+    if b.shape[0] <= b.shape[1]:
+        evals, evecs = torch.linalg.eigh(b @ b.T)
+        return evecs.flip(-1), evals.flip(-1).clamp(min=0)
+    u, s, _ = torch.linalg.svd(b, full_matrices=False)
+    return u, s.square()
+
+
 def output_basis(weight: torch.Tensor, input_moment: torch.Tensor | None,
                  root: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, spectrum) in float64, sorted descending: eigenvectors of W C W^T for an input moment C
@@ -109,12 +119,10 @@ def output_basis(weight: torch.Tensor, input_moment: torch.Tensor | None,
     problem. The spectrum is the eigenvalues of W C W^T (or the singular values of W)."""
     w = weight.double()
     if input_moment is None:
-        u, s, _ = torch.linalg.svd(w, full_matrices=False)
-        return u, s
+        q, s2 = left_singular(w)
+        return q, s2.sqrt()
     if w.shape[0] > w.shape[1]:
-        u, s, _ = torch.linalg.svd(w @ (root if root is not None else input_root(input_moment)).to(w),
-                                   full_matrices=False)
-        return u, s.square()
+        return left_singular(w @ (root if root is not None else input_root(input_moment)).to(w))
     evals, evecs = torch.linalg.eigh(w @ input_moment.to(w) @ w.T)
     return evecs.flip(-1), evals.flip(-1)
 

@@ -6,8 +6,12 @@ For y = up(down(x)) + b:
 - `scaling` (Bolaco's variant): factors frozen; a trainable length-k vector s between the factors and a
   length-d_out vector g on the output, y = g * (up(s * down(x)) + b), merged as down <- diag(s) down,
   up <- diag(g) up, b <- g * b.
-Training is deterministic for a seed, and checkpoints (trainable tensors, AdamW state, losses) are written
-atomically as safetensors + JSON, so an interrupted run resumes to the same loss sequence.
+- `dense`: the fair baseline, LoRA of the same rank on every projection of the *dense* model, trained with
+  the same data, tokens and settings.
+The loss is next-token cross-entropy, plus `distill` x KL(teacher || model) per token when a teacher (the
+dense model) is given. Training is deterministic for a seed, and checkpoints (trainable tensors, AdamW
+state, losses) are written atomically as safetensors + JSON, so an interrupted run resumes to the same
+loss sequence.
 """
 
 from __future__ import annotations
@@ -104,20 +108,25 @@ def _batch_indices(n: int, batch_size: int, micro: int, seed: int, perms: dict) 
 
 
 class SubspaceTuner:
-    """Attach the trainable parts to a compressed model, fit them, merge them back into the factors."""
+    """Attach the trainable parts to a compressed model, fit them, merge them back into the factors.
+    dense=True: the baseline, LoRA on every projection of a dense model (variant lora only)."""
 
-    def __init__(self, model, cfg: FinetuneConfig):
+    def __init__(self, model, cfg: FinetuneConfig, teacher=None, dense: bool = False):
         if cfg.variant not in VARIANTS:
             raise BolacoError(f"unknown fine-tuning variant '{cfg.variant}' (choose from {', '.join(VARIANTS)})")
-        self.model, self.cfg = model, cfg
+        if dense and cfg.variant != "lora":
+            raise BolacoError("the dense baseline is LoRA on the dense projections: use variant lora")
+        if cfg.distill > 0 and teacher is None:
+            raise BolacoError("finetune.distill needs the dense model as teacher")
+        self.model, self.cfg, self.teacher = model, cfg, teacher
         self.adapter = Adapter(model)
-        self.ids = lowrank_ids(self.adapter)
+        self.ids = list(self.adapter.linears) if dense else lowrank_ids(self.adapter)
         torch.manual_seed(cfg.seed)
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.variant == "lora":
             from peft import LoraConfig, get_peft_model
-            targets = [f"{self.adapter.linears[lid].path}.down" for lid in self.ids]
+            targets = [self.adapter.linears[lid].path + ("" if dense else ".down") for lid in self.ids]
             self.net = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                         target_modules=targets, bias="none"))
         else:
@@ -150,7 +159,11 @@ class SubspaceTuner:
                     rows = _batch_indices(len(sequences), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed, perms)
                     batch = sequences[rows].to(device)
                     with autocast:
-                        loss = net(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                        out = net(input_ids=batch, labels=batch, use_cache=False)
+                        loss = out.loss
+                        if self.teacher is not None and cfg.distill > 0:
+                            loss = loss + cfg.distill * self._kl_to_teacher(batch, out.logits)
+                        loss = loss / cfg.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
                     tokens += batch.numel()
@@ -166,6 +179,13 @@ class SubspaceTuner:
             bar.close()
             net.eval()
         return losses
+
+    def _kl_to_teacher(self, batch: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Mean per-token KL(teacher || model), the teacher's logits computed on the fly."""
+        with torch.no_grad():
+            ref = torch.log_softmax(self.teacher(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
 
     def merge(self):
         """Fold the trained parts into the factors; returns the plain compressed model (same ranks and size)."""

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .arch import RECORDS, Adapter, parse_linear_id
 from .budget import RankMap
 from .collect import cache_key, gram
-from .decompose import LowRankLinear, wrap_linear
+from .decompose import LowRankLinear, left_singular, wrap_linear
 from .store import BlockStore, key_hash
 from .stream import capture_block_inputs, execution_device, on_device, run_block
 
@@ -108,8 +108,7 @@ def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats
         if centred:   # no bias to keep the mean with: the uncentred optimum instead (same parameter count)
             return fit_linear(weight, None, stats, None, False, ridge)
         return {"weight": w_star, **({"bias": b} if b is not None else {})}
-    u, _, _ = torch.linalg.svd(bmat, full_matrices=False)
-    q = u[:, :rank]
+    q = left_singular(bmat)[0][:, :rank]
     down = torch.linalg.solve_triangular(root.T, (q.T @ bmat).T, upper=True).T      # Q^T W*
     result = {"down": down, "up": q}
     if centred:

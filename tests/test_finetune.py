@@ -110,3 +110,33 @@ def test_finetune_command_end_to_end(tmp_path, tokenizer):
     assert set(meta["finetune"]["perplexity_before"]) == {"search", "test"}
     assert meta["finetune"]["tokens"] == 3 * 2 * 16
     assert (out / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
+
+
+def test_dense_baseline_and_distillation(tmp_path):
+    """The fair baseline trains LoRA on every dense projection and merges back to the dense size; with a teacher
+    the loss is cross-entropy plus distill x KL(teacher || model), computed here independently."""
+    dense = tiny_model("llama")
+    size = count_params(dense)
+    cfg = FinetuneConfig(steps=6, batch_size=2, lr=5e-2, warmup=0, schedule="constant", checkpoint_every=100)
+    tuner = SubspaceTuner(dense, cfg, dense=True)
+    assert len(tuner.ids) == len(Adapter(dense).linears)
+    losses = tuner.fit(SEQS[:2], progress=False)
+    assert losses[-1] < losses[0] - 0.1
+    merged = tuner.merge()
+    assert count_params(merged) == size
+    with pytest.raises(BolacoError, match="variant lora"):
+        SubspaceTuner(tiny_model("llama"), FinetuneConfig(variant="scaling"), dense=True)
+
+    teacher = tiny_model("llama")
+    model, _ = compressed_model(tmp_path, family="llama")
+    batch = SEQS[:2]
+    with torch.no_grad():
+        out = model(input_ids=batch, labels=batch)
+        ref = torch.log_softmax(teacher(input_ids=batch).logits.double(), -1)
+        logp = torch.log_softmax(out.logits.double(), -1)
+        expected = float(out.loss) + 0.5 * float((ref.exp() * (ref - logp)).sum(-1).mean())
+    cfg = FinetuneConfig(steps=1, batch_size=2, lr=0.0, warmup=0, schedule="constant", distill=0.5)
+    first = SubspaceTuner(model, cfg, teacher=teacher).fit(batch, progress=False)[0]
+    assert first == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(BolacoError, match="teacher"):
+        SubspaceTuner(model, cfg)

@@ -1,0 +1,207 @@
+"""The held-out quality table on SmolLM2 at 20 % removed: every row a ratio to the dense model measured in the same
+run, on text and tasks that calibration, search and post-training never saw.
+
+    .venv/bin/python bench/quality.py [--variants wiki-ppl wiki-ppl+kl wiki-kl mix-ppl] [--seeds 0 1 2]
+                                      [--trials 60] [--config botorch:groups] [--ft-steps 300] [--limit 200]
+
+Rows: uniform; the BO best of each search variant (objective x calibration/search data), open-loop and after the
+closed-loop refit (perplexity columns: median [min-max] over seeds); post-training in the low-rank subspace of
+the best row, next to the dense model fine-tuned with the same data, tokens and settings. Columns: WikiText-2
+test, PTB test and C4 perplexity (first 64 x 256 tokens of each), and the accuracy of the zero-shot tasks where
+the dense model is clearly above chance (first --limit rows). Task columns are measured on the seed whose BO
+best has the median search value. Data roles (sequence ranges at seq_len 256, all disjoint):
+  wiki: calibration WikiText-2 valid [0:128], search valid [-32:]
+  mix:  calibration WikiText-2 valid [0:64] + C4 [-80:-16], search valid [-16:] + C4 [-16:]
+  post-training: C4 [64:64+N]; reported C4 perplexity: C4 [0:64] (same source, other documents: marked)
+BO studies resume from storage/bench.db (the wiki-ppl variant is bench/search.py's study of the same config and
+seed); evaluations are cached in storage/bench-quality/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from bolaco import evaluate, search
+from bolaco import model as model_io
+from bolaco.data import RoleSpec, role_sequences
+from bolaco.export import export, load_compressed
+from bolaco.finetune import SubspaceTuner
+from bolaco.study import load_study
+from bolaco.workspace import Workspace
+from common import print_table
+from search import config_search, study_label
+
+CORPORA = ("wikitext2-test", "ptb-test", "c4-valid")
+TASKS = {"piqa": "acc", "hellaswag": "acc_norm", "arc_easy": "acc", "openbookqa": "acc_norm"}
+DATA = {"wiki": {"calibration": RoleSpec("wikitext2-valid", 0, 128), "search": RoleSpec("wikitext2-valid", -32, 32)},
+        "mix": {"calibration": (RoleSpec("wikitext2-valid", 0, 64), RoleSpec("c4-valid", -80, 64)),
+                "search": (RoleSpec("wikitext2-valid", -16, 16), RoleSpec("c4-valid", -16, 16))}}
+VARIANTS = {"wiki-ppl": ("wiki", "ppl"), "wiki-ppl+kl": ("wiki", "ppl+kl"), "wiki-kl": ("wiki", "kl"),
+            "mix-ppl": ("mix", "ppl"), "mix-kl": ("mix", "kl")}
+CACHE = Path("storage/bench-quality")
+
+
+class Evaluator:
+    """Held-out perplexities (and tasks) of in-memory models, cached per model fingerprint."""
+
+    def __init__(self, tokenizer, limit: int):
+        self.tokenizer, self.limit = tokenizer, limit
+        CACHE.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name: str, model, tasks: bool) -> dict:
+        plan = evaluate.EvalPlan(corpora=CORPORA, sequences=64, tasks=tuple(TASKS) if tasks else (), limit=self.limit,
+                                 stereoset=False)
+        results = evaluate.ResultsFile(CACHE / f"{name}.json", model_io.fingerprint(model), name)
+        out = evaluate.run(model, self.tokenizer, plan, results, progress=False, log=lambda m: print(f"  {name} {m}"))
+        row = {c: out[f"ppl/{c}/seq256/64"]["ppl"] for c in CORPORA}
+        if tasks:
+            row.update({t: out[f"task/{t}/{self.limit}"][m] for t, m in TASKS.items()})
+        return row
+
+
+def workspace(base, data: str, storage: str) -> Workspace:
+    roles = {**DATA[data], "test": RoleSpec("wikitext2-test", 0, 64)}
+    return Workspace.open(dataclasses.replace(base, data=roles, storage=storage, name=f"quality-{data}"))
+
+
+def bo_best(ws, comp, base, variant: str, config: str, seed: int, trials: int, storage: str):
+    data, objective = VARIANTS[variant]
+    label = study_label(config, seed) if variant == "wiki-ppl" else f"quality-{variant}-{config.replace(':', '-')}-s{seed}"
+    cfg = dataclasses.replace(config_search(base.search, config, seed), objective=objective)
+    ws.study = dataclasses.replace(ws.study, name=label, search=cfg, storage=storage)
+    opt = search.run(ws, comp, create=True, trials=trials, artifacts=None)
+    done = sorted(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)[:trials]
+    best = min(done, key=lambda t: t.value)
+    return {k: int(v) for k, v in best.user_attrs["ranks"].items()}, best.user_attrs["search_ppl"]
+
+
+def finetune(model, tokenizer, base, steps: int, lr: float, rank: int, dense: bool, train_seqs: int):
+    cfg = dataclasses.replace(base.finetune, steps=steps, lr=lr, lora_r=rank, lora_alpha=2 * rank, warmup=steps // 20,
+                              variant="lora", checkpoint_every=max(25, steps // 4))
+    train = role_sequences({"train": RoleSpec("c4-valid", 64, train_seqs)}, tokenizer, base.seq_len)["train"]
+    key = f"{'dense' if dense else 'compressed'}-{steps}-{lr}-{rank}-{train_seqs}"
+    t = time.perf_counter()
+    tuner = SubspaceTuner(model, cfg, dense=dense)
+    tuner.fit(train, checkpoint=CACHE / "finetune" / key)
+    return tuner.merge(), time.perf_counter() - t, steps * cfg.batch_size * base.seq_len
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--study", default="studies/smollm2-20.yaml")
+    ap.add_argument("--variants", nargs="+", default=["wiki-ppl", "wiki-ppl+kl", "wiki-kl", "mix-ppl"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--config", default="botorch:groups", help="sampler:space of the BO studies (bench/search.py)")
+    ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
+    ap.add_argument("--ft-steps", type=int, default=300)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--ft-rank", type=int, default=8)
+    ap.add_argument("--ft-sweep", action="store_true", help="also a short sweep of LoRA rank x learning rate")
+    ap.add_argument("--storage", default="sqlite:///storage/bench.db")
+    args = ap.parse_args()
+    base = load_study(args.study)
+    spaces = {}
+    for variant in args.variants:
+        spaces.setdefault(VARIANTS[variant][0], []).append(variant)
+    rows, columns = {}, list(CORPORA) + list(TASKS)
+    dense_model, tokenizer = model_io.load(base.model)
+    ev = Evaluator(tokenizer, args.limit)
+    dense = ev("dense", dense_model, tasks=True)
+    del dense_model
+    chosen = {}   # row name -> (variant, seed, ranks, ws, comp) of the median seed
+    for data, variants in spaces.items():
+        ws = workspace(base, data, args.storage)
+        comp = ws.compressor()
+        if data == "wiki":
+            uniform = comp.budget.uniform(base.remove)
+            comp.apply(uniform)
+            rows["uniform"] = [ev("uniform", ws.model, tasks=True)]
+            comp.apply(uniform, ws.refit(comp, uniform))
+            rows["uniform + refit"] = [ev("uniform-refit", ws.model, tasks=False)]
+            comp.restore()
+        for variant in variants:
+            found = []
+            for seed in args.seeds:
+                ranks, search_ppl = bo_best(ws, comp, base, variant, args.config, seed, args.trials, args.storage)
+                found.append((search_ppl, seed, ranks))
+            median = sorted(found)[len(found) // 2]
+            for refit in (False, True):
+                name = f"BO {variant}" + (" + refit" if refit else "")
+                rows[name] = []
+                for search_ppl, seed, ranks in found:
+                    comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
+                    tag = f"{variant}-s{seed}{'-refit' if refit else ''}"
+                    rows[name].append(ev(tag, ws.model, tasks=(seed == median[1])))
+                    comp.restore()
+                chosen[name] = (variant, median[1], median[2], ws, comp, refit)
+    dense_row = dense
+
+    def geo(row):   # geometric mean of the perplexity ratios: the criterion that picks the default
+        return math.exp(statistics.mean(math.log(row[c] / dense_row[c]) for c in CORPORA))
+
+    table = []
+    for name, runs in rows.items():
+        cells = []
+        for c in columns:
+            vals = [r[c] / dense_row[c] for r in runs if c in r]
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.2f}")
+            else:
+                cells.append(f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]")
+        table.append([name, len(runs), *cells, f"{statistics.median(geo(r) for r in runs):.2f}"])
+    best = min((n for n in rows if n.startswith("BO")), key=lambda n: statistics.median(geo(r) for r in rows[n]))
+    dense_cells = [f"{dense_row[c]:.2f}" if c in CORPORA else f"{100 * dense_row[c]:.1f} %" for c in columns]
+    print_table(f"Held-out quality on SmolLM2-135M at {base.remove:.0%} removed, ratios to dense (perplexity: lower is "
+                f"better; accuracy: kept share). BO: {args.config}, {args.trials} trials, seeds {args.seeds}; tasks: "
+                f"first {args.limit} rows, on the median seed",
+                ["model", "seeds", *columns, "geo-mean ppl ratio"],
+                [["dense (absolute)", "-", *dense_cells, "1.00"], *table])
+    print(f"\nbest row by the geometric mean of the perplexity ratios: {best}")
+
+    if args.ft_steps:
+        variant, seed, ranks, ws, comp, refit = chosen[best]
+        comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
+        src = export(ws.model, ws.tokenizer, ranks, CACHE / "best", {"method": base.method, "row": best})
+        comp.restore()
+        settings = [(args.ft_rank, args.ft_lr, args.ft_steps)]
+        if args.ft_sweep:
+            settings = [(r, lr, max(50, args.ft_steps // 4)) for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)] + settings
+        train_seqs = max(s for _, _, s in settings) * base.finetune.batch_size
+        ft_rows = []
+        for rank, lr, steps in settings:
+            model, _ = load_compressed(src)
+            model, seconds, tokens = finetune(model, tokenizer, base, steps, lr, rank, False, train_seqs)
+            tag = f"ft-r{rank}-lr{lr}-s{steps}"
+            final = (rank, lr, steps) == settings[-1]
+            r = ev(tag, model, tasks=final)
+            ft_rows.append([f"{best} + LoRA (r {rank}, lr {lr}, {steps} steps)", tokens, f"{seconds:.0f}",
+                            *(f"{r[c] / dense_row[c]:.2f}" if c in r else "-" for c in columns)])
+            if final:
+                dmodel, _ = model_io.load(base.model)
+                dmodel, dseconds, _ = finetune(dmodel, tokenizer, base, steps, lr, rank, True, train_seqs)
+                d = ev(f"dense-ft-r{rank}-lr{lr}-s{steps}", dmodel, tasks=True)
+                ft_rows.append([f"dense + the same LoRA (r {rank}, lr {lr}, {steps} steps)", tokens, f"{dseconds:.0f}",
+                                *(f"{d[c] / dense_row[c]:.2f}" for c in columns)])
+                ft_rows.append(["compressed + LoRA relative to dense + LoRA", "-", "-",
+                                *(f"{r[c] / d[c]:.2f}" for c in columns)])
+        print_table(f"Post-training on C4 [64:{64 + train_seqs}] (general web text; the reported C4 column is the same "
+                    "source, other documents), ratios to the dense model without post-training",
+                    ["model", "training tokens", "seconds", *columns], ft_rows)
+    Path("storage/bench-quality/summary.json").write_text(json.dumps({"dense": dense_row, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
