@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter, parse_linear_id
 from .budget import Budget, RankMap
-from .collect import CovarianceCache
+from .collect import CovarianceCache, check_disk
 from .errors import BolacoError
 from .store import BlockStore, key_hash
 
@@ -175,6 +175,12 @@ def _block_bases(adapter: Adapter, cov: CovarianceCache, method: str, block: int
     return tensors
 
 
+def bases_bytes(adapter: Adapter, budget: Budget) -> int:
+    """Bytes of the bases cache: Q^T W and Q^T up to the break-even rank (4 bytes per value at most), the bias terms
+    and the spectrum in float64."""
+    return sum(budget.max_rank(l) * (li.d_in + li.d_out) * 4 + 3 * li.d_out * 8 for l, li in adapter.linears.items())
+
+
 def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: bool = True,
                 device: str | torch.device | None = None) -> "Bases":
     """Compute (or resume, or reuse) the cached bases of every decomposable linear for `method`, in float64 on
@@ -183,7 +189,10 @@ def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: b
         raise BolacoError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     budget = make_budget(adapter, method, 1)
     key = bases_key(cov, method)
-    store = BlockStore(cov.root / f"bases-{method}-{key_hash(key)[:8]}", key, adapter.n_blocks, f"{method} bases")
+    folder = cov.root / f"bases-{method}-{key_hash(key)[:8]}"
+    if not (folder / "manifest.json").exists():
+        check_disk(folder, bases_bytes(adapter, budget), f"{method} bases cache")
+    store = BlockStore(folder, key, adapter.n_blocks, f"{method} bases")
     todo = [b for b in range(adapter.n_blocks) if not store.has(b)]
     device = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     model_dtype = next(adapter.model.parameters()).dtype

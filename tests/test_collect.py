@@ -98,3 +98,21 @@ def test_collect_refuses_bad_input(tmp_path):
         collect(model, torch.zeros(6, 16, dtype=torch.long), tmp_path, partitions=4, progress=False)
     with pytest.raises(BolacoError, match="longer than the model allows"):
         collect(model, torch.zeros(2, 256, dtype=torch.long), tmp_path, progress=False)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from bolaco.collect import cache_bytes
+    model = tiny_model("llama")
+    adapter = Adapter(model)
+    calibration = torch.randint(0, 300, (4, 16))
+    # exact size: the packed float32 triangles, the float64 partition means and the counts
+    store = collect(model, calibration, tmp_path / "ok", partitions=2, progress=False).store
+    data_bytes = sum(t.numel() * t.element_size() for b in range(adapter.n_blocks) for t in store.read(b).values())
+    assert data_bytes == cache_bytes(adapter, 2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda _p: usage(10**9, 10**9, 1000))
+    with pytest.raises(BolacoError, match="needs 0.0 GB .* free some space or point cache_dir"):
+        collect(model, calibration, tmp_path / "full", partitions=2, progress=False)
+    assert not (tmp_path / "full").exists() or not any((tmp_path / "full").rglob("block_*"))
