@@ -36,6 +36,7 @@ from bolaco import model as model_io
 from bolaco.data import RoleSpec, role_sequences
 from bolaco.export import export, load_compressed
 from bolaco.finetune import SubspaceTuner
+from bolaco.perplexity import perplexity
 from bolaco.study import load_study
 from bolaco.workspace import Workspace
 from common import print_table
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-rank", type=int, default=8)
     ap.add_argument("--ft-sweep", action="store_true", help="also a short sweep of LoRA rank x learning rate")
+    ap.add_argument("--ridges", type=float, nargs="*", default=[0.01, 1.0],
+                    help="refit shrinkage values to compare on the uniform map, besides the study's")
     ap.add_argument("--storage", default="sqlite:///storage/bench.db")
     args = ap.parse_args()
     base = load_study(args.study)
@@ -119,6 +122,7 @@ def main():
     ev = Evaluator(tokenizer, args.limit)
     dense = ev("dense", dense_model, tasks=True)
     del dense_model
+    costs = []
     chosen = {}   # row name -> (variant, seed, ranks, ws, comp) of the median seed
     for data, variants in spaces.items():
         ws = workspace(base, data, args.storage)
@@ -127,9 +131,21 @@ def main():
             uniform = comp.budget.uniform(base.remove)
             comp.apply(uniform)
             rows["uniform"] = [ev("uniform", ws.model, tasks=True)]
-            comp.apply(uniform, ws.refit(comp, uniform))
-            rows["uniform + refit"] = [ev("uniform-refit", ws.model, tasks=False)]
-            comp.restore()
+            for ridge in sorted(set(args.ridges) | {base.refit_ridge}):
+                ws.study = dataclasses.replace(ws.study, refit_ridge=ridge)
+                t = time.perf_counter()
+                layers = ws.refit(comp, uniform)
+                refit_s = time.perf_counter() - t
+                comp.apply(uniform, layers)
+                rows[f"uniform + refit (ridge {ridge})"] = [ev(f"uniform-refit-{ridge}", ws.model, tasks=False)]
+                comp.restore()
+            ws.study = dataclasses.replace(ws.study, refit_ridge=base.refit_ridge)
+            t = time.perf_counter()
+            ws.refit(comp, uniform, cache=False, progress=False)
+            refit_s = time.perf_counter() - t
+            forward_s = perplexity(ws.model, ws.data["calibration"], base.batch_size, progress=False).seconds
+            costs = [["refit of the uniform map (uncached)", f"{refit_s:.0f}", f"{refit_s / forward_s:.2f}"],
+                     ["plain forward over the calibration set", f"{forward_s:.0f}", "1.00"]]
         for variant in variants:
             found = []
             for seed in args.seeds:
@@ -170,6 +186,8 @@ def main():
                 ["model", "seeds", *columns, "geo-mean ppl ratio"],
                 [["dense (absolute)", "-", *dense_cells, "1.00"], *table])
     print(f"\nbest row by the geometric mean of the perplexity ratios: {best}")
+    if costs:
+        print_table("Refit cost on this CPU (calibration 128 x 256 tokens)", ["step", "seconds", "x forward"], costs)
 
     if args.ft_steps:
         variant, seed, ranks, ws, comp, refit = chosen[best]

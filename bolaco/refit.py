@@ -7,10 +7,12 @@ refitted). Inside a block the records are refitted in order (q/k/v, then o, then
 the inputs that the layers refitted before it produce, so every linear maps the inputs it will really see to
 the dense layer's outputs.
 
-For y = W x + b, with C = Cov(x, x~), S = Cov(x~) + ridge (scaled by the mean variance), S = L L^T:
-- rank k (reduced-rank regression): W* = W C S^-1; Q_k = top-k left singular vectors of B = W C L^-T (the
-  principal directions of the fitted outputs W* x~); down = Q_k^T W*, up = Q_k, bias = W mu + b - up down mu~
-  (the output mean is kept exactly);
+For y = W x + b, with C = Cov(x, x~) and S = Cov(x~), the regression is shrunk towards the dense layer:
+W* = argmin E||W x - W' x~||^2 + lam ||W' - W||^2 = W (C + lam I)(S + lam I)^-1, lam = ridge x the mean input
+variance. With x~ = x it is W for every lam; directions in which x~ barely varies keep the dense map instead of
+being amplified by S^-1 (which, fitted on one domain, hurts perplexity on others). With S + lam I = L L^T:
+- rank k (reduced-rank regression): Q_k = top-k eigenvectors of W* S W*^T, the covariance of the fitted outputs
+  W* x~; down = Q_k^T W*, up = Q_k, bias = W mu + b - up down mu~ (the output mean is kept exactly);
 - a layer that stays dense gets the full-rank W* (and the bias term only if it had a bias, so that the
   parameter count does not change);
 - uncentred variant (methods without a bias term): second moments in place of covariances, bias b unchanged.
@@ -33,11 +35,12 @@ from tqdm.auto import tqdm
 from .arch import RECORDS, Adapter, parse_linear_id
 from .budget import RankMap
 from .collect import cache_key, gram
-from .decompose import LowRankLinear, left_singular, wrap_linear
+from .errors import BolacoError
+from .decompose import LowRankLinear, input_root, left_singular, wrap_linear
 from .store import BlockStore, key_hash
 from .stream import capture_block_inputs, execution_device, on_device, run_block
 
-REFIT_FORMAT = 1
+REFIT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -95,21 +98,27 @@ def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats
     eye = torch.eye(d, dtype=torch.float64, device=s.device)
     lam = ridge * float(torch.diagonal(s).mean().clamp(min=1e-30))
     root, info = torch.linalg.cholesky_ex(s + lam * eye)
-    while int(info):   # singular even with the ridge: grow it until the factorisation succeeds
+    for _ in range(30):   # singular even with the ridge: grow it until the factorisation succeeds
+        if not int(info):
+            break
         lam = max(lam * 10, 1e-12)
         root, info = torch.linalg.cholesky_ex(s + lam * eye)
-    # B = W A L^-T, computed as (L^-1 (W A)^T)^T
-    bmat = torch.linalg.solve_triangular(root, (w @ a).T, upper=False).T
+    else:
+        raise BolacoError("the refit's input statistics are not finite (overflowing activations?): "
+                          "export without the refit (decompose.refit: false)")
+    # B = W (A + lam I) L^-T, computed as (L^-1 (W A + lam W)^T)^T
+    bmat = torch.linalg.solve_triangular(root, (w @ a + lam * w).T, upper=False).T
+    w_star = torch.linalg.solve_triangular(root.T, bmat.T, upper=True).T           # B L^-1 = W (A + lam I) S^-1
     out_mean = (w @ stats.mean_x + (b if b is not None else 0)) if centred else None
     if rank is None:
-        w_star = torch.linalg.solve_triangular(root.T, bmat.T, upper=True).T       # B L^-1 = W A S^-1
         if centred and b is not None:
             return {"weight": w_star, "bias": out_mean - w_star @ stats.mean_t}
         if centred:   # no bias to keep the mean with: the uncentred optimum instead (same parameter count)
             return fit_linear(weight, None, stats, None, False, ridge)
         return {"weight": w_star, **({"bias": b} if b is not None else {})}
-    q = left_singular(bmat)[0][:, :rank]
-    down = torch.linalg.solve_triangular(root.T, (q.T @ bmat).T, upper=True).T      # Q^T W*
+    # the principal directions of the fitted outputs W* x~, whose covariance is W* S W*^T (S without the ridge)
+    q = left_singular(w_star @ input_root(s))[0][:, :rank]
+    down = q.T @ w_star
     result = {"down": down, "up": q}
     if centred:
         result["bias"] = out_mean - q @ (down @ stats.mean_t)
@@ -146,7 +155,7 @@ class _Stop(Exception):
     pass
 
 
-def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 1e-4,
+def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 0.1,
           batch_size: int = 8, cache_root: str | Path | None = None, device: str | torch.device | None = None,
           progress: bool = True) -> dict[str, nn.Module]:
     """Refitted layers {linear id: module} for `ranks` (low-rank ones, and dense ones whose inputs changed),

@@ -87,7 +87,7 @@ class Study:
     method: str = "feature"
     rank_multiple: int = 8
     refit: bool = True               # closed-loop refit of the exported allocation (bolaco.refit)
-    refit_ridge: float = 1e-4        # ridge of the refit's regression, relative to the mean input variance
+    refit_ridge: float = 0.1         # shrinkage of the refit towards the dense layer, relative to the mean input variance
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"

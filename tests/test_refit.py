@@ -114,23 +114,25 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     comp.apply(ranks)
     open_loop = _block_outputs(model, adapter, calibration)
     centred = method == "feature"
-    layers = refit(comp, ranks, calibration, centred=centred, batch_size=4, cache_root=tmp_path / "refit",
-                   progress=False)
-    assert {l for l in layers if isinstance(layers[l], LowRankLinear)} == set(ranks)
-    assert all(layers[l].rank == k for l, k in ranks.items())
-    comp.apply(ranks, layers)
-    refitted = _block_outputs(model, adapter, calibration)
-    for b, (d, o, r) in enumerate(zip(dense, open_loop, refitted)):
-        assert torch.linalg.norm(r - d) <= torch.linalg.norm(o - d), b
+    for ridge in (0.1, 1e-4):    # the default shrinkage towards the dense layer, and almost pure regression
+        layers = refit(comp, ranks, calibration, centred=centred, ridge=ridge, batch_size=4,
+                       cache_root=tmp_path / "refit", progress=False)
+        assert {l for l in layers if isinstance(layers[l], LowRankLinear)} == set(ranks)
+        assert all(layers[l].rank == k for l, k in ranks.items())
+        comp.apply(ranks, layers)
+        refitted = _block_outputs(model, adapter, calibration)
+        comp.restore()
+        for b, (d, o, r) in enumerate(zip(dense, open_loop, refitted)):
+            assert torch.linalg.norm(r - d) <= torch.linalg.norm(o - d) * (1 + 1e-9), (ridge, b)
     assert torch.linalg.norm(refitted[-1] - dense[-1]) < 0.9 * torch.linalg.norm(open_loop[-1] - dense[-1])
 
     # an interrupted refit (blocks 2 and 3 missing from the cache) resumes to the same layers
-    index = next((tmp_path / "refit").glob("refit-*")) / "index.json"
+    index = sorted((tmp_path / "refit").glob("refit-*"), key=lambda p: p.stat().st_mtime)[-1] / "index.json"
     import json
     done = json.loads(index.read_text())
     index.write_text(json.dumps({k: v for k, v in done.items() if int(k) < 2}))
-    again = refit(comp, ranks, calibration, centred=centred, batch_size=4, cache_root=tmp_path / "refit",
-                  progress=False)
+    again = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4,
+                  cache_root=tmp_path / "refit", progress=False)
     assert set(again) == set(layers)
     for lid in layers:
         for (name, p), (_, q) in zip(layers[lid].named_parameters(), again[lid].named_parameters()):
