@@ -59,7 +59,10 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
         _wait_for(lambda: _running_trial_of(storage, a.pid), "worker A to run a trial")
         b = subprocess.Popen(cmd + [str(target), "join"], env=env)
         _wait_for(lambda: _running_trial_of(storage, b.pid), "worker B to run a trial")
-        victim = _wait_for(lambda: _running_trial_of(storage, a.pid), "worker A's next trial")[0]
+        # a trial A has only just started (its 1.5 s sleep ahead), so it cannot finish before the kill
+        seen = max((t.number for t in _running_trial_of(storage, a.pid) or []), default=-1)
+        victim = _wait_for(lambda: [t for t in _running_trial_of(storage, a.pid) or [] if t.number > seen],
+                           "worker A's next trial", timeout=60)[0]
         a.send_signal(signal.SIGKILL)
         finished = optuna.load_study(study_name=STUDY, storage=storage).get_trials(states=(TrialState.COMPLETE,))
         assert len(finished) <= target - 5, "worker A ran too fast for the test to kill it early"
