@@ -18,12 +18,15 @@ RECORD_OF_TYPE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
                   "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
 RECORDS = ("attn_in", "o_in", "mlp_in", "down_in")
 
-# LLaMA, Mistral and Qwen2 share module names (Qwen2 adds q/k/v biases; all use GQA).
+# These families share LLaMA's module names (Qwen2 adds q/k/v biases; Qwen3, OLMo-2 and Gemma-3 q/k norms;
+# Gemma-2/3 alternate sliding-window and global layers; Granite scales residuals; all may use GQA).
 _LLAMA_LIKE_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
                      "down": "mlp.down_proj"}
-FAMILIES = {"llama": _LLAMA_LIKE_PATHS, "mistral": _LLAMA_LIKE_PATHS, "qwen2": _LLAMA_LIKE_PATHS}
-SUPPORTED = "LLaMA, Mistral and Qwen2 families (config model_type: " + ", ".join(FAMILIES) + ")"
+FAMILIES = {t: _LLAMA_LIKE_PATHS for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2",
+                                           "granite")}
+SUPPORTED = ("LLaMA, Mistral, Qwen2, Qwen3, Gemma-2, Gemma-3 (text), OLMo-2 and Granite families (config model_type: "
+             + ", ".join(FAMILIES) + ")")
 
 
 def linear_id(block: int, type_: str) -> str:

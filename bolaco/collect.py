@@ -195,13 +195,13 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                disable=not progress)
     start, done = time.perf_counter(), 0
     with torch.inference_mode():
-        states = capture_block_inputs(model, adapter, batches, device)
+        states, block_kwargs = capture_block_inputs(model, adapter, batches, device)
         for b, block in enumerate(adapter.blocks):
             if b > max(todo):
                 break
             with on_device(model, block, device):
                 if store.has(b):   # finished earlier: only move the hidden states on
-                    states = [(run_block(block, h, kw), kw) for h, kw in states]
+                    states = [run_block(block, h, kw) for h, kw in zip(states, block_kwargs[b])]
                     continue
                 records = adapter.block_records(b)
                 acc = {r: _Accumulator(adapter.record_dim(r), device) for r in RECORDS}
@@ -209,8 +209,8 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                     lambda _m, args, r=r: acc[r].add(args[0])) for r in RECORDS]
                 try:
                     new_states = []
-                    for i, (h, kw) in enumerate(states):
-                        new_states.append((run_block(block, h, kw), kw))
+                    for i, (h, kw) in enumerate(zip(states, block_kwargs[b])):
+                        new_states.append(run_block(block, h, kw))
                         if i + 1 == len(states) or batch_partition[i + 1] != batch_partition[i]:
                             for a in acc.values():
                                 a.end_partition()

@@ -175,11 +175,10 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     bar = tqdm(total=adapter.n_blocks, desc="refit", unit="block", disable=not progress)
     try:
         with torch.inference_mode():
-            states = capture_block_inputs(model, adapter, batches, device)
-            dense_h = [h for h, _ in states]
+            dense_h, block_kwargs = capture_block_inputs(model, adapter, batches, device)
             comp_h = list(dense_h)
-            kwargs = [kw for _, kw in states]
             for b, block in enumerate(adapter.blocks):
+                kwargs = block_kwargs[b]
                 records = adapter.block_records(b)
                 with on_device(model, block, device):
                     # the dense block: its output and the inputs of its four records

@@ -1,8 +1,9 @@
 """Running the calibration set through a model one decoder block at a time (collect and refit).
 
-The inputs of block 0 (hidden states and the keyword arguments the model passes to its blocks: positions,
-masks, rotary embeddings) are captured once; then each block maps the stored hidden states to the next
-block's. With streaming, the model stays in CPU memory and each block visits the execution device only for
+The hidden states entering block 0 and the keyword arguments the model passes to *each* block (positions,
+masks, rotary embeddings: they differ between sliding-window and global layers, e.g. Gemma-2/3 and Qwen2
+with sliding windows) are captured once, with the blocks bypassed; then each block maps the stored hidden
+states to the next block's. With streaming, the model stays in CPU memory and each block visits the execution device only for
 its own pass, so a model larger than the GPU can be calibrated. A model dispatched by accelerate
 (`device_map`) keeps its placement: its hooks move the inputs.
 """
@@ -16,14 +17,19 @@ import torch
 from .arch import Adapter
 
 
-def move(obj, device):
-    """Tensors inside nested tuples/lists/dicts moved to `device` (other objects unchanged)."""
+def move(obj, device, memo: dict | None = None):
+    """Tensors inside nested tuples/lists/dicts moved to `device` (other objects unchanged). With `memo`, a
+    tensor met again (the same object) is moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))   # the source is kept alive, so its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(move(o, device) for o in obj)
+        return type(obj)(move(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: move(v, device) for k, v in obj.items()}
+        return {k: move(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -41,29 +47,44 @@ def execution_device(model: torch.nn.Module, device: str | torch.device | None) 
 
 
 def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], device: torch.device):
-    """[(hidden states, kwargs)] with which the model calls block 0 for each batch, on `device`."""
+    """(hidden states entering block 0 per batch, kwargs[b][i]: the keyword arguments the model passes to block b
+    for batch i), on `device`. Every block's forward is bypassed meanwhile, so this costs the embeddings only;
+    tensors the model shares between blocks stay shared."""
 
     class _Captured(Exception):
         pass
 
-    captured = []
+    hidden, kwargs, memo = [], [[] for _ in adapter.blocks], {}
+    last = len(adapter.blocks) - 1
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.to(device), move(kwargs, device)))
-        raise _Captured
+    def recorder(b):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if b == 0:
+                hidden.append(h.to(device))
+            kwargs[b].append(move(kw, device, memo))
+            if b == last:
+                raise _Captured
+            return h
+        return forward
 
-    handle = adapter.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    # an instance attribute `forward` (accelerate's dispatch hook) is put back afterwards
+    saved = [block.__dict__.get("forward") for block in adapter.blocks]
     first = model_device(model)
     try:
+        for b, block in enumerate(adapter.blocks):
+            block.forward = recorder(b)
         for ids in batches:
             try:
                 model(input_ids=ids.to(first), use_cache=False)
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for block, forward in zip(adapter.blocks, saved):
+            block.__dict__.pop("forward", None)
+            if forward is not None:
+                block.forward = forward
+    return hidden, kwargs
 
 
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""Tiny randomly initialised LLaMA-, Mistral- and Qwen2-shaped models and a byte-level tokenizer, built in code."""
+"""Tiny randomly initialised models of every supported family and a byte-level tokenizer, built in code."""
 
 import os
 
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
+                          MistralConfig, Olmo2Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from bolaco.data import read_text
 
@@ -14,7 +14,7 @@ from bolaco.data import read_text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite")
 
 
 def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
@@ -25,7 +25,21 @@ def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
         return LlamaConfig(**common)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None)
-    return Qwen2Config(**common)  # q/k/v carry biases
+    if family == "qwen2":
+        return Qwen2Config(**common)  # q/k/v carry biases
+    tokens = dict(head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "qwen3":
+        return Qwen3Config(**common, **tokens)
+    if family == "olmo2":
+        return Olmo2Config(**common, **tokens)
+    if family == "granite":
+        return GraniteConfig(**common, **tokens, embedding_multiplier=2.0, residual_multiplier=0.5,
+                             attention_multiplier=0.2, logits_scaling=2.0)
+    # layers that differ: a 4-token sliding window on layers 0 and 2, global attention on layer 1
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"] * layers
+    if family == "gemma2":
+        return Gemma2Config(**common, **tokens, sliding_window=4, layer_types=layer_types[:layers])
+    return Gemma3TextConfig(**common, **tokens, sliding_window=4, layer_types=layer_types[:layers])
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 300, layers: int = 3):

@@ -27,6 +27,7 @@ def _activations(model, calibration, batch_size=4):
 
 @pytest.mark.parametrize("partitions", [1, 4])
 def test_pooled_moments_match_float64_reference(family, partitions, tmp_path):
+    """Gemma-2/3 models here alternate sliding-window and global layers: each block must get its own mask."""
     model = tiny_model(family)
     torch.manual_seed(1)
     calibration = torch.randint(0, 300, (8, 16))

@@ -26,7 +26,7 @@ def test_adapter_finds_every_projection(family):
                                                num_attention_heads=2, vocab_size=50, pad_token_id=0)])
 def test_unsupported_architecture_is_one_clear_line(config):
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(BolacoError, match=r"unsupported architecture '\w+': bolaco supports the LLaMA, Mistral and Qwen2"):
+    with pytest.raises(BolacoError, match=r"unsupported architecture '\w+': bolaco supports the LLaMA, Mistral, Qwen2, Qwen3"):
         Adapter(model)
 
 
