@@ -200,17 +200,24 @@ def cmd_eval(args) -> None:
 
 def cmd_report(args) -> None:
     from . import model as model_io
-    from .arch import Adapter
+    from .arch import adapter_for
     from .decompose import make_budget
     from .report import build
     from .study import load_study
     study = _study(args)
     compare = [load_study(p) for p in args.compare]
     model, _ = model_io.load(study.model)       # for the layer shapes the budget counts
-    adapter = Adapter(model)
-    path = build(study, make_budget(adapter, study.method, study.rank_multiple), adapter.n_blocks,
+    adapter = adapter_for(model)
+    path = build(study, make_budget(adapter, study.method, study.rank_multiple), adapter.types, adapter.n_blocks,
                  args.out or f"out/{study.name}-report", compare)
     print(f"wrote {path} and its pictures")
+
+
+def cmd_families(args) -> None:
+    from .arch import ADAPTERS
+    for a in ADAPTERS:
+        print(f"{a.name}\n  model_type: {', '.join(a.model_types)}\n  compressed: {', '.join(a.paths)}"
+              + (f"\n  dense: {a.dense_note}" if a.dense_note else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="recompute results that are cached")
     e.add_argument("--json", action="store_true", help="also print the results as JSON")
     e.set_defaults(func=cmd_eval)
+
+    sub.add_parser("families", help="the model families bolaco compresses, and which projections in each"
+                   ).set_defaults(func=cmd_families)
     return p
 
 

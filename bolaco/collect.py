@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import RECORDS, Adapter
+from .arch import adapter_for
 from .data import token_hash
 from .errors import BolacoError
 from .model import fingerprint
@@ -64,7 +64,7 @@ def gram(z: torch.Tensor) -> torch.Tensor:
 
 def cache_bytes(adapter: Adapter, partitions: int) -> int:
     """Bytes the covariance cache of `adapter`'s model takes on disk (before the small JSON files)."""
-    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in (adapter.record_dim(r) for r in RECORDS))
+    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in (adapter.record_dim(r) for r in adapter.record_names))
     return per_block * adapter.n_blocks
 
 
@@ -167,7 +167,7 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
 
     device: where the blocks run (default: where the model is). A model in CPU memory with a GPU device
     streams: each block visits the GPU for its own pass only."""
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     n_seq, seq_len = calibration.shape
     if n_seq == 0:
         raise BolacoError("the calibration set is empty")
@@ -204,9 +204,9 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                     states = [run_block(block, h, kw) for h, kw in zip(states, block_kwargs[b])]
                     continue
                 records = adapter.block_records(b)
-                acc = {r: _Accumulator(adapter.record_dim(r), device) for r in RECORDS}
+                acc = {r: _Accumulator(adapter.record_dim(r), device) for r in adapter.record_names}
                 hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
-                    lambda _m, args, r=r: acc[r].add(args[0])) for r in RECORDS]
+                    lambda _m, args, r=r: acc[r].add(args[0])) for r in adapter.record_names]
                 try:
                     new_states = []
                     for i, (h, kw) in enumerate(zip(states, block_kwargs[b])):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__
-from .arch import Adapter
+from .arch import adapter_for
 from .budget import RankMap
 from .decompose import LowRankLinear
 from .errors import BolacoError
@@ -63,7 +63,7 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, shard_size: str | int = "5GB") -> Path:
     """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`, in safetensors
     shards of at most `shard_size`."""
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     lowrank = {lid for lid in adapter.linears if isinstance(adapter.module(lid), LowRankLinear)}
     if lowrank != set(ranks):
         raise BolacoError("the model's low-rank layers do not match the rank map to export")
@@ -107,7 +107,7 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     dtype = dtype or next(iter(state.values())).dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     for lid, k in ranks.items():
         li = adapter.linears[lid]
         adapter.replace(lid, LowRankLinear(li.d_in, li.d_out, k, lid in biased, lid in dense_biased, device="meta",

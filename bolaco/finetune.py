@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter
+from .arch import adapter_for
 from .decompose import LowRankLinear
 from .errors import BolacoError
 from .store import atomic_write
@@ -119,7 +119,7 @@ class SubspaceTuner:
         if cfg.distill > 0 and teacher is None:
             raise BolacoError("finetune.distill needs the dense model as teacher")
         self.model, self.cfg, self.teacher = model, cfg, teacher
-        self.adapter = Adapter(model)
+        self.adapter = adapter_for(model)
         self.ids = list(self.adapter.linears) if dense else lowrank_ids(self.adapter)
         torch.manual_seed(cfg.seed)
         for p in model.parameters():

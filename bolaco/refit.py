@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import RECORDS, Adapter, parse_linear_id
+from .arch import Adapter, parse_linear_id
 from .budget import RankMap
 from .collect import cache_key, gram
 from .errors import BolacoError
@@ -182,9 +182,9 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                 records = adapter.block_records(b)
                 with on_device(model, block, device):
                     # the dense block: its output and the inputs of its four records
-                    dense_in = {r: [] for r in RECORDS}
+                    dense_in = {r: [] for r in adapter.record_names}
                     hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
-                        lambda _m, a, r=r: dense_in[r].append(a[0])) for r in RECORDS]
+                        lambda _m, a, r=r: dense_in[r].append(a[0])) for r in adapter.record_names]
                     try:
                         next_dense = [run_block(block, h, kw) for h, kw in zip(dense_h, kwargs)]
                     finally:
@@ -192,7 +192,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                             h.remove()
                     if store is not None and store.has(b):
                         saved = store.read(b)
-                        for lid in [l for r in RECORDS for l in records[r]]:
+                        for lid in [l for r in adapter.record_names for l in records[r]]:
                             t = parse_linear_id(lid)[1]
                             parts = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == t}
                             if parts:
@@ -201,7 +201,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                                 changed = True
                     else:
                         tensors = {}
-                        for r in RECORDS:
+                        for r in adapter.record_names:
                             lids = [l for l in records[r] if l in ranks or changed]
                             if not lids:
                                 continue

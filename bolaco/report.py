@@ -117,8 +117,8 @@ def eval_columns(study: Study, out_root: Path = Path("out")) -> dict[str, dict]:
     return columns
 
 
-def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, compare: list[Study] = (),
-          out_root: Path = Path("out")) -> Path:
+def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, out_dir: str | Path,
+          compare: list[Study] = (), out_root: Path = Path("out")) -> Path:
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
     from .search import allocation_heatmap, open_storage
@@ -147,7 +147,7 @@ def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, comp
             best = opt.best_trial
             ranks = {k: int(v) for k, v in best.user_attrs["ranks"].items()}
             (out / "allocation.png").write_bytes(allocation_heatmap(
-                budget, ranks, n_blocks, f"{name} trial {best.number}: share of parameters kept"))
+                budget, ranks, types, n_blocks, f"{name} trial {best.number}: share of parameters kept"))
             md += ["## Best allocation", "", f"{name}, trial {best.number}: search ppl {_ppl(best):.2f}, "
                    f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
                    "![allocation heat map](allocation.png)", ""]
@@ -164,7 +164,7 @@ def build(study: Study, budget: Budget, n_blocks: int, out_dir: str | Path, comp
         probes = _complete(optuna.load_study(study_name=surgical, storage=storage))
         ranks = accepted_ranks(probes)
         (out / "surgical.png").write_bytes(allocation_heatmap(
-            budget, ranks, n_blocks, f"{surgical}: share of parameters kept"))
+            budget, ranks, types, n_blocks, f"{surgical}: share of parameters kept"))
         md += ["## Surgical search", "", f"{surgical}: {len(probes)} evaluation(s), {len(ranks)} module(s) compressed, "
                f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
                "![surgical allocation](surgical.png)", ""]

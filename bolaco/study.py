@@ -30,7 +30,7 @@ class SurgicalConfig:
     task_rows: int = 200               # task rows for search + verification (seeded; the rest is test)
     start_block: int | None = None     # default: the last block
     backwards: bool = True
-    types: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    types: tuple[str, ...] = ()        # projection types visited in each block; empty: all of the model's
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import optuna
 from optuna.distributions import IntDistribution
 
-from .arch import TYPES, Adapter, linear_id
+from .arch import Adapter, linear_id
 from .budget import RankMap
 from .decompose import Compressor
 from .errors import BolacoError
@@ -33,15 +33,14 @@ Metric = Callable[[str], float]       # chunk name ("search" or "verify") -> met
 
 
 def module_order(adapter: Adapter, cfg: SurgicalConfig) -> list[str]:
-    unknown = [t for t in cfg.types if t not in TYPES]
-    if unknown:
-        raise BolacoError(f"surgical: unknown type(s) {unknown} (types are {', '.join(TYPES)})")
+    adapter.check_types(cfg.types, "surgical")
+    types = cfg.types or adapter.types
     n = adapter.n_blocks
     start = n - 1 if cfg.start_block is None else cfg.start_block
     if not 0 <= start < n:
         raise BolacoError(f"surgical: start block {start} is outside 0..{n - 1}")
     blocks = range(start, -1, -1) if cfg.backwards else range(start, n)
-    return [linear_id(b, t) for b in blocks for t in cfg.types]
+    return [linear_id(b, t) for b in blocks for t in types]
 
 
 def rank_grid(comp: Compressor, lid: str, cfg: SurgicalConfig) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import model as model_io
-from .arch import Adapter
+from .arch import adapter_for
 from .collect import CovarianceCache, collect
 from .budget import RankMap
 from .data import describe, role_sequences, token_hash
@@ -39,7 +39,7 @@ class Workspace:
             raise BolacoError(f"study '{study.name}' has no data.calibration section")
         t = time.perf_counter()
         model, tokenizer = model_io.load(study.model, dtype=study.dtype, device=device, device_map=study.device_map)
-        adapter = Adapter(model)
+        adapter = adapter_for(model)
         if study.seq_len > adapter.max_seq_len:
             raise BolacoError(f"seq_len {study.seq_len} is longer than the model allows ({adapter.max_seq_len})")
         data = role_sequences(study.data, tokenizer, study.seq_len, study.data_dir)

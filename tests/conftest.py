@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig,
-                          MistralConfig, Olmo2Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GraniteConfig,
+                          LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Olmo2Config, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
+                          SiglipVisionConfig)
 
 from bolaco.data import read_text
 
@@ -14,7 +16,8 @@ from bolaco.data import read_text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "olmo2", "granite", "phi3",
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
@@ -35,11 +38,32 @@ def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
     if family == "granite":
         return GraniteConfig(**common, **tokens, embedding_multiplier=2.0, residual_multiplier=0.5,
                              attention_multiplier=0.2, logits_scaling=2.0)
+    if family == "phi3":   # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common, **{k: v for k, v in tokens.items() if k != "head_dim"})
+    experts = dict(num_experts_per_tok=2, **tokens)
+    if family == "mixtral":
+        return MixtralConfig(**common, num_local_experts=4, **experts)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                              **experts)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=32, **experts)
+    if family == "olmoe":
+        return OlmoeConfig(**common, num_experts=4, **{k: v for k, v in experts.items() if k != "head_dim"})
     # layers that differ: a 4-token sliding window on layers 0 and 2, global attention on layer 1
     layer_types = ["sliding_attention", "full_attention", "sliding_attention"] * layers
     if family == "gemma2":
         return Gemma2Config(**common, **tokens, sliding_window=4, layer_types=layer_types[:layers])
-    return Gemma3TextConfig(**common, **tokens, sliding_window=4, layer_types=layer_types[:layers])
+    text = Gemma3TextConfig(**common, **tokens, sliding_window=4, layer_types=layer_types[:layers])
+    if family == "gemma3_text":
+        return text
+    # the multimodal checkpoint: a tiny vision tower beside the text decoder (image tokens above the vocabulary
+    # that the tests sample from)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=8)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                        image_token_index=vocab_size - 1, boi_token_index=vocab_size - 3,
+                        eoi_token_index=vocab_size - 2)
 
 
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 300, layers: int = 3):
@@ -77,10 +101,10 @@ def family(request):
 
 def uniform_compressor(model, calibration, cache_dir, method="feature", multiple=4, partitions=1):
     """Collect, build bases and return (adapter, compressor) for `model` (the real pipeline, tiny sizes)."""
-    from bolaco.arch import Adapter
+    from bolaco.arch import adapter_for
     from bolaco.collect import collect
     from bolaco.decompose import Compressor, build_bases, make_budget
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     cov = collect(model, calibration, cache_dir, partitions=partitions, progress=False)
     return adapter, Compressor(adapter, build_bases(adapter, cov, method, progress=False),
                                make_budget(adapter, method, multiple=multiple))

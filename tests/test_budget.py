@@ -1,6 +1,6 @@
 import pytest
 
-from bolaco.arch import Adapter
+from bolaco.arch import adapter_for
 from bolaco.budget import Budget
 from bolaco.errors import BolacoError
 from conftest import tiny_model
@@ -8,10 +8,10 @@ from conftest import tiny_model
 
 def smol_like_linears():
     """SmolLM2's shapes (30 blocks, 576 hidden, 1536 MLP, GQA 192) without building the model."""
-    from bolaco.arch import LinearInfo, TYPES
+    from bolaco.arch import LinearInfo
     dims = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
             "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
-    return {f"{b}.{t}": LinearInfo(f"{b}.{t}", b, t, "", *dims[t], False) for b in range(30) for t in TYPES}
+    return {f"{b}.{t}": LinearInfo(f"{b}.{t}", b, t, "", *dims[t], False) for b in range(30) for t in dims}
 
 
 def test_max_rank_is_the_last_rank_that_saves_parameters():
@@ -67,7 +67,7 @@ def test_impossible_budgets_are_refused():
 
 
 def test_counts_equal_the_modules_of_a_real_model(family):
-    adapter = Adapter(tiny_model(family))
+    adapter = adapter_for(tiny_model(family))
     budget = Budget(adapter.linears, adds_bias=False, multiple=1)
     dense_total = sum(p.numel() for name, p in adapter.model.named_parameters()
                       if any(name.startswith(li.path + ".") for li in adapter.linears.values()))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bolaco.arch import RECORDS, Adapter
+from bolaco.arch import adapter_for
 from bolaco.collect import collect
 from bolaco.errors import BolacoError, CacheError
 from bolaco.store import BlockStore
@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 def _activations(model, calibration, batch_size=4):
     """Materialise the input of every record of every block, per sequence, in float64."""
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     acts = {}
     hooks = []
     for b in range(adapter.n_blocks):
@@ -86,7 +86,7 @@ def test_truncated_and_mismatched_cache_are_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     fresh = collect(model, calibration, tmp_path, progress=False)  # complete: reuses the cache
     with pytest.raises(CacheError, match="corrupt or truncated"):
-        fresh.moments(1, RECORDS[0])
+        fresh.moments(1, "attn_in")
     with pytest.raises(CacheError, match="different inputs"):
         BlockStore(cache.store.root, {"other": 1}, 3, "covariance")
 
@@ -106,7 +106,7 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_any_work(tmp_path, monke
 
     from bolaco.collect import cache_bytes
     model = tiny_model("llama")
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     calibration = torch.randint(0, 300, (4, 16))
     # exact size: the packed float32 triangles, the float64 partition means and the counts
     store = collect(model, calibration, tmp_path / "ok", partitions=2, progress=False).store

@@ -137,10 +137,11 @@ def test_bases_cache_is_reused_and_verified(compressed, tmp_path):
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False)   # the cached run
     again = build_bases(adapter, cov, "feature", progress=False)
     assert again.store.complete and again.store.root == comp.bases.store.root
-    parts = again.parts("1.up", 5)
+    lid = f"1.{adapter.types[-2]}"        # gate/up, gate_up, or an MoE model's o
+    parts = again.parts(lid, 5)
     q_t, down = parts["up_t"], parts["down"]
-    assert q_t.shape == (5, adapter.linears["1.up"].d_out) and down.shape == (5, adapter.linears["1.up"].d_in)
+    assert q_t.shape == (5, adapter.linears[lid].d_out) and down.shape == (5, adapter.linears[lid].d_in)
     assert torch.allclose(q_t @ q_t.T, torch.eye(5), atol=1e-5)
-    assert torch.allclose(down, q_t @ adapter.module("1.up").weight, atol=1e-5)   # cached Q^T W
-    spectrum = again.spectrum("1.up")
+    assert torch.allclose(down, q_t @ adapter.module(lid).weight, atol=1e-5)   # cached Q^T W
+    spectrum = again.spectrum(lid)
     assert torch.all(spectrum[:-1] >= spectrum[1:])                                  # sorted descending

@@ -6,7 +6,7 @@ import torch
 
 import bolaco
 from bolaco import search
-from bolaco.arch import RECORD_OF_TYPE, Adapter
+from bolaco.arch import adapter_for
 from bolaco.collect import collect
 from bolaco.decompose import build_bases, input_root, output_basis
 from bolaco.study import SearchConfig, Study
@@ -17,7 +17,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _activations(model, ids):
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     acts = {}
     hooks = [adapter.module(lids[0]).register_forward_pre_hook(
         lambda _m, a, key=(b, r): acts.setdefault(key, []).append(a[0].detach().double()))
@@ -42,7 +42,7 @@ def test_every_dtype_runs_the_whole_pipeline(dtype, tmp_path, tokenizer):
     assert next(model.parameters()).dtype == getattr(torch, dtype)
     data = {"calibration": torch.randint(0, len(tokenizer), (8, 16), generator=g),
             "search": torch.randint(0, len(tokenizer), (4, 16), generator=g)}
-    ws = Workspace(study, model, tok, Adapter(model), data)
+    ws = Workspace(study, model, tok, adapter_for(model), data)
     cov = ws.covariances(progress=False)
     m = cov.moments(1, "mlp_in")
     assert m.cov.dtype == torch.float64 and m.partition_means.dtype == torch.float64
@@ -85,11 +85,11 @@ def test_both_basis_routes_equal_the_float64_reference():
 def test_bases_on_a_device_and_loaded_factors_equal_the_cpu_reference(device, tmp_path):
     model = tiny_model("qwen2", layers=2)
     calibration = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(1))
-    adapter = Adapter(model)
+    adapter = adapter_for(model)
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False, device=device)
     bases = build_bases(adapter, cov, "feature", progress=False, device=device)
     for lid in ("0.q", "1.up", "1.down"):
-        moment = cov.moments(int(lid[0]), RECORD_OF_TYPE[lid.split(".")[1]]).cov
+        moment = cov.moments(int(lid[0]), adapter.record_of(lid.split(".")[1])).cov
         w = adapter.module(lid).weight.double()
         evals, evecs = torch.linalg.eigh(w @ moment @ w.T)
         k = 3

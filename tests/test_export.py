@@ -3,7 +3,7 @@ import json
 import torch
 
 import bolaco
-from bolaco.arch import Adapter
+from bolaco.arch import adapter_for
 from bolaco.decompose import LowRankLinear
 from bolaco.export import count_params, export
 from conftest import tiny_model, uniform_compressor
@@ -24,7 +24,7 @@ def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, token
     text = "the quick brown fox jumps over the lazy dog"
     assert tok(text).input_ids == tokenizer(text).input_ids
     assert json.loads((out / "bolaco.json").read_text())["ranks"] == ranks
-    assert all(isinstance(Adapter(loaded).module(l), LowRankLinear) for l in ranks)
+    assert all(isinstance(adapter_for(loaded).module(l), LowRankLinear) for l in ranks)
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

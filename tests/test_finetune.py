@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bolaco.arch import Adapter
+from bolaco.arch import adapter_for
 from bolaco.errors import BolacoError
 from bolaco.export import count_params, export
 from bolaco.finetune import SubspaceTuner, _Checkpoint
@@ -35,7 +35,7 @@ def test_loss_falls_merge_is_exact_and_size_unchanged(tmp_path, tokenizer, varia
         adapted = tuner.net(input_ids=SEQS).logits
         merged = tuner.merge()
         assert torch.allclose(merged(input_ids=SEQS).logits, adapted, atol=1e-4, rtol=1e-4)
-    adapter = Adapter(merged)
+    adapter = adapter_for(merged)
     assert {lid: adapter.module(lid).rank for lid in ranks} == ranks
     assert count_params(merged) == before
     out = export(merged, None, ranks, tmp_path / "after", {})
@@ -119,7 +119,7 @@ def test_dense_baseline_and_distillation(tmp_path):
     size = count_params(dense)
     cfg = FinetuneConfig(steps=6, batch_size=2, lr=5e-2, warmup=0, schedule="constant", checkpoint_every=100)
     tuner = SubspaceTuner(dense, cfg, dense=True)
-    assert len(tuner.ids) == len(Adapter(dense).linears)
+    assert len(tuner.ids) == len(adapter_for(dense).linears)
     losses = tuner.fit(SEQS[:2], progress=False)
     assert losses[-1] < losses[0] - 0.1
     merged = tuner.merge()

@@ -9,8 +9,9 @@ import torch
 from optuna.trial import TrialState
 
 from bolaco import perplexity, search
-from bolaco.arch import Adapter
+from bolaco.arch import adapter_for
 from bolaco.errors import BolacoError
+from bolaco.export import count_params
 from bolaco.study import SearchConfig, Study
 from bolaco.workspace import Workspace
 from conftest import tiny_model
@@ -18,15 +19,15 @@ from conftest import tiny_model
 HELPER = Path(__file__).parent / "helpers" / "tiny_worker.py"
 
 
-def tiny_workspace(tmp_path, sampler="botorch", layers=4, **search_kw):
-    model = tiny_model("llama", layers=layers)
+def tiny_workspace(tmp_path, sampler="botorch", layers=4, family="llama", **search_kw):
+    model = tiny_model(family, layers=layers)
     g = torch.Generator().manual_seed(0)
     data = {"calibration": torch.randint(0, 300, (8, 16), generator=g),
             "search": torch.randint(0, 300, (4, 16), generator=g)}
     cfg = SearchConfig(**{"sampler": sampler, "trials": 8, "groups": 2, "r_min": 0.2, "startup": 3, **search_kw})
     study = Study(name="tiny", seq_len=16, partitions=2, remove=0.3, rank_multiple=2,
                   storage=f"sqlite:///{tmp_path}/studies.db", cache_dir=str(tmp_path / "cache"), search=cfg)
-    ws = Workspace(study, model, None, Adapter(model), data)
+    ws = Workspace(study, model, None, adapter_for(model), data)
     return ws, ws.compressor(progress=False)
 
 
@@ -147,7 +148,7 @@ def test_bad_search_input_is_refused(tmp_path):
     with pytest.raises(BolacoError, match="cannot meet remove"):
         space_of(ws, comp)
     ws, comp = tiny_workspace(tmp_path, tie=(("q", "qq"),))
-    with pytest.raises(BolacoError, match="unknown type 'qq'"):
+    with pytest.raises(BolacoError, match=r"unknown type\(s\) qq for a llama model \(its types are q, k, v, o, gate, up, down\)"):
         space_of(ws, comp)
     with pytest.raises(BolacoError, match="cannot open the study storage"):
         search.open_storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
@@ -241,6 +242,21 @@ def test_two_worker_processes_never_repeat_an_allocation(tmp_path):
     allocations = finished_allocations(opt)
     assert len(allocations) >= 9 and len(set(allocations)) == len(allocations)
     assert len({t.user_attrs["worker"] for t in opt.get_trials(states=(TrialState.COMPLETE,))[1:]}) == 2
+
+
+def test_every_family_runs_a_search_and_its_parameter_count_is_exact(family, tmp_path):
+    ws, comp = tiny_workspace(tmp_path, sampler="random", family=family, trials=2)
+    dense_params = count_params(ws.model)
+    opt = search.run(ws, comp, create=True, trials=2, artifacts=None)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2 and set(opt.user_attrs["variables"]) >= {f"{t}.b0-1" for t in ws.adapter.types}
+    ranks = trials[1].user_attrs["ranks"]
+    comp.apply(ranks)
+    try:
+        assert count_params(ws.model) == sum(p.numel() for p in ws.model.parameters())
+        assert count_params(ws.model) == dense_params - comp.budget.decomposable + trials[1].user_attrs["params"]
+    finally:
+        comp.restore()
 
 
 def test_a_trial_can_refit_its_allocation(tmp_path):

@@ -101,7 +101,7 @@ def test_study_run_logs_probes_in_the_store_and_resumes(tmp_path):
 def test_task_metric_scores_disjoint_seeded_rows_through_lm_eval_and_resumes(tmp_path, eos_tokenizer):
     import dataclasses
     from bolaco import surgical
-    from bolaco.arch import Adapter
+    from bolaco.arch import adapter_for
     from bolaco.study import SurgicalConfig
     from bolaco.workspace import Workspace
     from test_tasks import write_piqa
@@ -109,7 +109,7 @@ def test_task_metric_scores_disjoint_seeded_rows_through_lm_eval_and_resumes(tmp
     model = tiny_model("llama", layers=4, vocab_size=len(eos_tokenizer))
     cfg = SurgicalConfig(metric="piqa", task_rows=4, delta=1.0, types=("q",))
     study = dataclasses.replace(ws.study, surgical=cfg, data_dir=str(write_piqa(tmp_path / "data")))
-    ws = Workspace(study, model, eos_tokenizer, Adapter(model), ws.data)
+    ws = Workspace(study, model, eos_tokenizer, adapter_for(model), ws.data)
     comp = ws.compressor(progress=False)
     ranks, summary = surgical.run(ws, comp, progress=False)
     assert ranks == {f"{b}.q": 1 for b in range(4)}           # delta 1.0 accepts everything at rank 1

@@ -15,18 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import TYPES, Adapter
+from ..arch import Adapter
 from ..budget import Budget, RankMap
 from ..errors import BolacoError
 from ..study import Study
 
 
-def _type_groups(tie, dense) -> list[tuple[str, ...]]:
-    for t in [t for g in tie for t in g] + list(dense):
-        if t not in TYPES:
-            raise BolacoError(f"search: unknown type '{t}' (types are {', '.join(TYPES)})")
+def _type_groups(adapter: Adapter, tie, dense) -> list[tuple[str, ...]]:
+    adapter.check_types([t for g in tie for t in g] + list(dense), "search")
     tied = [tuple(g) for g in tie]
-    return tied + [(t,) for t in TYPES if t not in dense and all(t not in g for g in tied)]
+    return tied + [(t,) for t in adapter.types if t not in dense and all(t not in g for g in tied)]
 
 
 def _depth_weights(space: str, n_blocks: int, groups: int, knots: int) -> tuple[list[str], torch.Tensor]:
@@ -82,7 +80,7 @@ class SearchSpace:
     @classmethod
     def from_study(cls, study: Study, adapter: Adapter, budget: Budget) -> "SearchSpace":
         cfg = study.search
-        groups_of_types = _type_groups(cfg.tie, cfg.dense)
+        groups_of_types = _type_groups(adapter, cfg.tie, cfg.dense)
         suffixes, depth = _depth_weights(cfg.space, adapter.n_blocks, cfg.groups, cfg.knots)
         names, lids, type_group = [], [], []
         for g, tg in enumerate(groups_of_types):

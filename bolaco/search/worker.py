@@ -25,7 +25,6 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .. import perplexity
-from ..arch import TYPES
 from ..budget import Budget, RankMap
 from ..errors import BolacoError
 from ..study import Study
@@ -91,15 +90,15 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
     return opt, storage
 
 
-def allocation_heatmap(budget: Budget, ranks: RankMap, n_blocks: int, title: str) -> bytes:
+def allocation_heatmap(budget: Budget, ranks: RankMap, types: tuple[str, ...], n_blocks: int, title: str) -> bytes:
     """PNG of the share of parameters kept per (layer, type)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    grid = [[budget.keep(f"{b}.{t}", ranks) for b in range(n_blocks)] for t in TYPES]
+    grid = [[budget.keep(f"{b}.{t}", ranks) for b in range(n_blocks)] for t in types]
     fig, ax = plt.subplots(figsize=(max(4, n_blocks * 0.22 + 1.5), 2.6), dpi=100)
     im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax.set_yticks(range(len(TYPES)), TYPES)
+    ax.set_yticks(range(len(types)), types)
     ax.set_xlabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="kept")
@@ -163,7 +162,7 @@ class Objective:
 
     def _upload_heatmap(self, trial, budget, ranks, ppl):
         from optuna.artifacts import upload_artifact
-        png = allocation_heatmap(budget, ranks, self.ws.adapter.n_blocks, f"trial {trial.number}: search ppl {ppl:.2f}")
+        png = allocation_heatmap(budget, ranks, self.ws.adapter.types, self.ws.adapter.n_blocks, f"trial {trial.number}: search ppl {ppl:.2f}")
         path = Path(self.artifact_dir) / f".heatmap-{os.getpid()}-{trial.number}.png"
         path.write_bytes(png)
         upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,

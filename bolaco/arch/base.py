@@ -1,0 +1,108 @@
+"""The adapter protocol: how bolaco sees a decoder-only model.
+
+An adapter names the decoder blocks of a causal LM, its projection *types* (module paths inside a block)
+and its *records*: the types that read the same input tensor, the unit of covariance collection. Every
+linear is named by (block, type), e.g. "3.q"; rank maps, search variables and reports use those names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import BolacoError
+
+
+def linear_id(block: int, type_: str) -> str:
+    """The model-independent name of a decomposable linear, used as the key of rank maps."""
+    return f"{block}.{type_}"
+
+
+def parse_linear_id(lid: str) -> tuple[int, str]:
+    block, type_ = lid.split(".")
+    return int(block), type_
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    id: str        # "3.q"
+    block: int
+    type: str
+    path: str      # module path inside the model
+    d_in: int
+    d_out: int
+    bias: bool
+
+
+class Adapter:
+    """One family group. Subclasses set the class attributes; the instance indexes one model's linears."""
+
+    name: str = ""                               # the family group, as `bolaco families` lists it
+    model_types: tuple[str, ...] = ()            # config.model_type values it accepts
+    blocks_path: str = "model.layers"
+    paths: dict[str, str] = {}                   # type -> module path inside a block
+    records: dict[str, tuple[str, ...]] = {}     # record -> the types that read its input, in order
+    dense_note: str = ""                         # what stays dense in this family, and why
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = model.config.model_type
+        self.blocks = model.get_submodule(self.blocks_path)
+        self.linears: dict[str, LinearInfo] = {}
+        for b in range(len(self.blocks)):
+            for t, rel in self.paths.items():
+                path = f"{self.blocks_path}.{b}.{rel}"
+                try:
+                    mod = model.get_submodule(path)
+                except AttributeError:
+                    raise BolacoError(f"model_type '{self.family}': block {b} has no module {rel}; bolaco's "
+                                      f"{self.name} adapter expects {', '.join(self.paths.values())}")
+                bias = getattr(mod, "dense_bias", None)   # set on layers bolaco made low-rank
+                if bias is None:
+                    bias = mod.bias is not None
+                self.linears[linear_id(b, t)] = LinearInfo(
+                    linear_id(b, t), b, t, path, mod.in_features, mod.out_features, bias)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self.paths)
+
+    @property
+    def record_names(self) -> tuple[str, ...]:
+        return tuple(self.records)
+
+    def record_of(self, type_: str) -> str:
+        return next(r for r, types in self.records.items() if type_ in types)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.model.config.get_text_config().max_position_embeddings)
+
+    def module(self, lid: str) -> nn.Module:
+        return self.model.get_submodule(self.linears[lid].path)
+
+    def replace(self, lid: str, new: nn.Module) -> nn.Module:
+        """Put `new` where the linear `lid` is; returns the module it replaced."""
+        parent_path, _, attr = self.linears[lid].path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        return old
+
+    def block_records(self, block: int) -> dict[str, list[str]]:
+        """Record name -> linear ids of `block` that read that input."""
+        return {r: [linear_id(block, t) for t in types] for r, types in self.records.items()}
+
+    def record_dim(self, record: str) -> int:
+        return self.linears[linear_id(0, self.records[record][0])].d_in
+
+    def check_types(self, types, what: str) -> None:
+        unknown = [t for t in types if t not in self.paths]
+        if unknown:
+            raise BolacoError(f"{what}: unknown type(s) {', '.join(unknown)} for a {self.family} model "
+                              f"(its types are {', '.join(self.paths)})")
