@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bolaco.arch import Adapter
+from bolaco.arch import adapter_for
 from bolaco.collect import cache_bytes, collect
 from bolaco.decompose import build_bases, input_root, make_budget, output_basis, Compressor
 from bolaco.perplexity import perplexity
@@ -104,7 +104,7 @@ def main():
         model = build(shape, args.blocks, dtype, args.vocab)
         if not args.stream:
             model.to(device)
-        adapter = Adapter(model)
+        adapter = adapter_for(model)
         g = torch.Generator().manual_seed(1)
         vocab = model.config.vocab_size
         calib = torch.randint(0, vocab, (args.calibration, args.seq_len), generator=g)
