@@ -6,7 +6,8 @@ search split, one sampler step; memory and disk. Totals are extrapolated to the 
                                     [--calibration 128] [--seq-len 2048] [--search 32]
 
 Timings need no trained weights; the GGUF default is not used. On a CPU use small sizes, e.g.
-    .venv/bin/python bench/scale.py --shapes tiny 1b --blocks 2 --calibration 16 --seq-len 256 --search 8 --dtype float32
+    .venv/bin/python bench/scale.py --shapes tiny 1b --blocks 1 --calibration 16 --seq-len 256 --search 8 \
+        --dtype float32 --vocab 1000 --routes tiny
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main():
     ap.add_argument("--vocab", type=int, help="smaller vocabulary than the real one (CPU runs)")
     ap.add_argument("--stream", action="store_true", help="keep the model in CPU memory, stream blocks to --device")
     ap.add_argument("--cache", default=None, help="cache folder (default: a temporary folder)")
+    ap.add_argument("--routes", nargs="*", help="shapes whose two basis routes are timed (default: --shapes; a "
+                                                "d_ff x d_ff float64 eigh takes minutes on a small CPU)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows, totals, routes = [], [], []
@@ -145,7 +148,8 @@ def main():
                        f"{per(refit_s) * depth / 60:.1f}", f"{full_cache:.1f}",
                        f"{bases_gb / args.blocks * depth:.1f}",
                        f"{ev.seconds * depth / args.blocks:.1f}" if ev else "-"])
-        routes.append([shape, *(f"{s:.2f}" for s in basis_routes(shape, device))])
+        if shape in (args.shapes if args.routes is None else args.routes):
+            routes.append([shape, *(f"{s:.2f}" for s in basis_routes(shape, device))])
         del model, comp, bases, layers
         if args.cache is None:
             shutil.rmtree(root, ignore_errors=True)
