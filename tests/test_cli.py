@@ -80,3 +80,29 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
     assert_picture(tmp_path / "out" / "s-report" / "search.png", (640, 400))
     for name in ("allocation.png", "surgical.png"):   # 3 blocks: the heat map's minimum width, 4 x 2.6 inches
         assert_picture(tmp_path / "out" / "s-report" / name, (400, 260))
+
+
+@pytest.mark.parametrize("family", ["phi3", "mixtral", "gemma3"])
+def test_a_study_on_a_local_checkout_of_another_family(family, tmp_path, tokenizer, capsys, monkeypatch):
+    """Fused projections, an MoE with dense experts and a multimodal checkpoint: search, export, load back."""
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / family
+    dense = tiny_model(family, vocab_size=len(tokenizer))
+    dense.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    study = tmp_path / "f.yaml"
+    study.write_text(f"name: f\nmodel: {model_dir}\nseq_len: 16\nstorage: sqlite:///{tmp_path}/f.db\n"
+                     f"cache_dir: {tmp_path}/cache\ndata:\n"
+                     "  calibration: {corpus: wikitext2-valid, start: 0, sequences: 8}\n"
+                     "  search: {corpus: wikitext2-valid, start: -4, sequences: 4}\n"
+                     "  test: {corpus: wikitext2-test, start: 0, sequences: 4}\n"
+                     "collect: {partitions: 2, batch_size: 4}\nbudget: {remove: 0.25}\n"
+                     "decompose: {rank_multiple: 2}\nsearch: {trials: 2, space: types, startup: 2}\n")
+    s = ["--study", str(study)]
+    assert main(["search", *s]) == 0 and main(["export", *s]) == 0
+    meta = json.loads((tmp_path / "out" / "f" / "bolaco.json").read_text())
+    model, _ = load_compressed(tmp_path / "out" / "f")
+    assert type(model) is type(dense) and count_params(model) == meta["params"] < count_params(dense)
+    assert {lid.split(".")[1] for lid in meta["ranks"]} <= set(
+        {"phi3": ("qkv", "o", "gate_up", "down"), "mixtral": ("q", "k", "v", "o")}.get(
+            family, ("q", "k", "v", "o", "gate", "up", "down")))
