@@ -24,10 +24,11 @@ def tiny_config(family: str, vocab_size: int = 300, layers: int = 3):
     common = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
                   tie_word_embeddings=False)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
+    if family == "llama":   # Llama-3's rope scaling
+        return LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if family == "mistral":  # Mistral-NeMo's explicit head_dim (not hidden / heads)
+        return MistralConfig(**common, sliding_window=None, head_dim=16)
     if family == "qwen2":
         return Qwen2Config(**common)  # q/k/v carry biases
     tokens = dict(head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -32,7 +32,8 @@ def test_adapter_finds_every_projection(family):
         assert (qkv.d_in, qkv.d_out) == (48, 48 + 2 * 16)   # q plus GQA k and v (2 kv heads of 8) in one linear
     else:
         k = adapter.linears["1.k"]
-        assert (k.d_in, k.d_out) == (48, 16)             # GQA: 2 kv heads of 8
+        head_dim = 16 if family == "mistral" else 8
+        assert (k.d_in, k.d_out) == (48, 2 * head_dim)   # GQA: 2 kv heads
         assert k.bias == (family in ("qwen2", "qwen2_moe"))
     blocks = model.model.language_model.layers if family == "gemma3" else model.model.layers
     assert adapter.module("2.o") is blocks[2].self_attn.o_proj
