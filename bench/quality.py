@@ -102,6 +102,8 @@ def main():
     ap.add_argument("--study", default="studies/smollm2-20.yaml")
     ap.add_argument("--variants", nargs="+", default=["wiki-ppl", "wiki-ppl+kl", "wiki-kl", "mix-ppl"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variant-seeds", nargs="*", default=[], metavar="VARIANT=S,S",
+                    help="fewer (or other) seeds for some variants, e.g. wiki-kl=0")
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--config", default="botorch:groups", help="sampler:space of the BO studies (bench/search.py)")
     ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
@@ -114,6 +116,8 @@ def main():
     ap.add_argument("--storage", default="sqlite:///storage/bench.db")
     args = ap.parse_args()
     base = load_study(args.study)
+    variant_seeds = {v: [int(s) for s in seeds.split(",")] for v, _, seeds in
+                     (item.partition("=") for item in args.variant_seeds)}
     spaces = {}
     for variant in args.variants:
         spaces.setdefault(VARIANTS[variant][0], []).append(variant)
@@ -147,7 +151,7 @@ def main():
                      ["plain forward over the calibration set", f"{forward_s:.0f}", "1.00"]]
         for variant in variants:
             found = []
-            for seed in args.seeds:
+            for seed in variant_seeds.get(variant, args.seeds):
                 ranks, search_ppl = bo_best(ws, comp, base, variant, args.config, seed, args.trials, args.storage)
                 found.append((search_ppl, seed, ranks))
             median = sorted(found)[len(found) // 2]
@@ -181,7 +185,8 @@ def main():
     best = min((n for n in rows if n.startswith("BO")), key=lambda n: statistics.median(geo(r) for r in rows[n]))
     dense_cells = [f"{dense_row[c]:.2f}" if c in CORPORA else f"{100 * dense_row[c]:.1f} %" for c in columns]
     print_table(f"Held-out quality on SmolLM2-135M at {base.remove:.0%} removed, ratios to dense (perplexity: lower is "
-                f"better; accuracy: kept share). BO: {args.config}, {args.trials} trials, seeds {args.seeds}; tasks: "
+                f"better; accuracy: kept share). BO: {args.config}, {args.trials} trials, seeds {args.seeds}"
+                f"{''.join(' (' + v + ': ' + str(s) + ')' for v, s in variant_seeds.items())}; tasks: "
                 f"first {args.limit} rows, on the median seed",
                 ["model", "seeds", *columns, "geo-mean ppl ratio"],
                 [["dense (absolute)", "-", *dense_cells, "1.00"], *table])
