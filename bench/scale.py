@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from bolaco.arch import adapter_for
 from bolaco.collect import cache_bytes, collect
@@ -43,6 +44,7 @@ def build(shape: str, blocks: int, dtype: torch.dtype, vocab: int | None) -> Lla
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)   # to_empty leaves buffers (inv_freq) uninitialised
     with torch.no_grad():
         for name, p in model.named_parameters():   # small random weights: finite activations through the blocks
             if p.dim() == 1:
