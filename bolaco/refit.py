@@ -169,8 +169,13 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     if cache_root is not None:
         key = refit_key(model, calibration, ranks, centred, ridge)
         store = BlockStore(Path(cache_root) / f"refit-{key_hash(key)}", key, adapter.n_blocks, "refit")
-    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
     refitted: dict[str, nn.Module] = {}
+    if store is not None and store.complete:   # all cached: nothing to run
+        for b in range(adapter.n_blocks):
+            _read_block(store, b, comp, refitted)
+        comp.restore()
+        return refitted
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
     changed = False          # whether the compressed stream differs from the dense one yet
     bar = tqdm(total=adapter.n_blocks, desc="refit", unit="block", disable=not progress)
     try:
@@ -191,14 +196,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                         for h in hooks:
                             h.remove()
                     if store is not None and store.has(b):
-                        saved = store.read(b)
-                        for lid in [l for r in adapter.record_names for l in records[r]]:
-                            t = parse_linear_id(lid)[1]
-                            parts = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == t}
-                            if parts:
-                                refitted[lid] = _module(parts, comp.dense(lid), adapter.linears[lid].bias)
-                                comp.install(lid, refitted[lid])
-                                changed = True
+                        changed |= _read_block(store, b, comp, refitted)
                     else:
                         tensors = {}
                         for r in adapter.record_names:
@@ -223,6 +221,20 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
         bar.close()
         comp.restore()
     return refitted
+
+
+def _read_block(store: BlockStore, block: int, comp, refitted: dict) -> bool:
+    """Install the cached refitted layers of `block` (into `refitted` and the model); whether there were any."""
+    adapter, saved = comp.adapter, store.read(block)
+    found = False
+    for lid in [l for lids in adapter.block_records(block).values() for l in lids]:
+        t = parse_linear_id(lid)[1]
+        parts = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == t}
+        if parts:
+            refitted[lid] = _module(parts, comp.dense(lid), adapter.linears[lid].bias)
+            comp.install(lid, refitted[lid])
+            found = True
+    return found
 
 
 def _pair_stats(adapter, block, first_lid: str, comp_h, kwargs, dense_inputs, device) -> PairStats:

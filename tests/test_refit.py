@@ -137,3 +137,16 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     for lid in layers:
         for (name, p), (_, q) in zip(layers[lid].named_parameters(), again[lid].named_parameters()):
             assert torch.equal(p, q), (lid, name)
+
+    # a complete cache is read without running a single block
+    import bolaco.refit as refit_module
+    real = refit_module.run_block
+    refit_module.run_block = lambda *a, **k: (_ for _ in ()).throw(AssertionError("a cached refit ran a block"))
+    try:
+        cached = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4,
+                       cache_root=tmp_path / "refit", progress=False)
+    finally:
+        refit_module.run_block = real
+    assert set(cached) == set(layers) and all(
+        torch.equal(p, q) for lid in layers for p, q in zip(layers[lid].parameters(), cached[lid].parameters()))
+    assert all(type(adapter.module(l)) is torch.nn.Linear for l in ranks)   # the model is dense again
