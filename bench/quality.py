@@ -27,8 +27,6 @@ import statistics
 import time
 from pathlib import Path
 
-import optuna
-import torch
 from optuna.trial import TrialState
 
 from bolaco import evaluate, search

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
+from .arch import Adapter, adapter_for
 from .data import token_hash
 from .errors import BolacoError
 from .model import fingerprint

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
+from .arch import Adapter, adapter_for
 from .decompose import LowRankLinear
 from .errors import BolacoError
 from .store import atomic_write

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from .arch import Adapter, parse_linear_id
 from .budget import RankMap
 from .collect import cache_key, gram
-from .errors import BolacoError
 from .decompose import LowRankLinear, input_root, left_singular, wrap_linear
+from .errors import BolacoError
 from .store import BlockStore, key_hash
 from .stream import capture_block_inputs, execution_device, on_device, run_block
 
@@ -172,8 +172,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     refitted: dict[str, nn.Module] = {}
     if store is not None and store.complete:   # all cached: nothing to run
         for b in range(adapter.n_blocks):
-            _read_block(store, b, comp, refitted)
-        comp.restore()
+            refitted.update(_read_block(store, b, comp))
         return refitted
     batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
     changed = False          # whether the compressed stream differs from the dense one yet
@@ -196,7 +195,11 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                         for h in hooks:
                             h.remove()
                     if store is not None and store.has(b):
-                        changed |= _read_block(store, b, comp, refitted)
+                        cached = _read_block(store, b, comp)
+                        for lid, module in cached.items():
+                            comp.install(lid, module)
+                        refitted.update(cached)
+                        changed |= bool(cached)
                     else:
                         tensors = {}
                         for r in adapter.record_names:
@@ -223,18 +226,16 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     return refitted
 
 
-def _read_block(store: BlockStore, block: int, comp, refitted: dict) -> bool:
-    """Install the cached refitted layers of `block` (into `refitted` and the model); whether there were any."""
+def _read_block(store: BlockStore, block: int, comp) -> dict[str, nn.Module]:
+    """The cached refitted layers of `block`, as modules."""
     adapter, saved = comp.adapter, store.read(block)
-    found = False
+    out = {}
     for lid in [l for lids in adapter.block_records(block).values() for l in lids]:
         t = parse_linear_id(lid)[1]
         parts = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == t}
         if parts:
-            refitted[lid] = _module(parts, comp.dense(lid), adapter.linears[lid].bias)
-            comp.install(lid, refitted[lid])
-            found = True
-    return found
+            out[lid] = _module(parts, comp.dense(lid), adapter.linears[lid].bias)
+    return out
 
 
 def _pair_stats(adapter, block, first_lid: str, comp_h, kwargs, dense_inputs, device) -> PairStats:

@@ -55,8 +55,8 @@ class FinetuneConfig:
 class SearchConfig:
     """The BO study: keep ratios in [r_min, 1] of the searched linears, parameterised by `space`."""
     sampler: str = "botorch"
-    trials: int = 60                 # total finished trials the study aims for (all workers together)
-    space: str = "groups"            # groups (type x block group), types (one ratio per type), knots (curve over depth)
+    trials: int = 30                 # total finished trials the study aims for (all workers together)
+    space: str = "types"             # types (one ratio per type), groups (type x block group), knots (curve over depth)
     groups: int = 6                  # space groups: contiguous block groups; = number of blocks for per-layer ratios
     knots: int = 3                   # space knots: values per type curve, evenly spaced over depth
     coarse_trials: int = 0           # botorch: the first N trials search one ratio per type, then refine (0: off)
@@ -86,7 +86,7 @@ class Study:
     remove: float = 0.2              # fraction of the decomposable parameters removed
     method: str = "feature"
     rank_multiple: int = 8
-    refit: bool = True               # closed-loop refit of the exported allocation (bolaco.refit)
+    refit: bool = False              # closed-loop refit of the exported allocation (bolaco.refit)
     refit_ridge: float = 0.1         # shrinkage of the refit towards the dense layer, relative to the mean input variance
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
     storage: str = "sqlite:///storage/studies.db"

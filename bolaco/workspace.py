@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import model as model_io
-from .arch import adapter_for
+from .arch import Adapter, adapter_for
 from .collect import CovarianceCache, collect
 from .budget import RankMap
 from .data import describe, role_sequences, token_hash

@@ -35,9 +35,9 @@ def test_every_dtype_runs_the_whole_pipeline(dtype, tmp_path, tokenizer):
     tiny_model("llama", vocab_size=len(tokenizer), layers=3).to(getattr(torch, dtype)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
-    study = Study(name="d", model=str(model_dir), dtype=dtype, seq_len=16, partitions=2, remove=0.3,
+    study = Study(name="d", model=str(model_dir), dtype=dtype, seq_len=16, partitions=2, remove=0.3, refit=True,
                   rank_multiple=2, storage=f"sqlite:///{tmp_path}/s.db", cache_dir=str(tmp_path / "cache"),
-                  search=SearchConfig(trials=3, groups=1, startup=1))
+                  search=SearchConfig(trials=3, space="groups", groups=1, startup=1))
     model, tok = bolaco.model.load(str(model_dir), dtype=dtype)
     assert next(model.parameters()).dtype == getattr(torch, dtype)
     data = {"calibration": torch.randint(0, len(tokenizer), (8, 16), generator=g),

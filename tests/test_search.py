@@ -24,7 +24,8 @@ def tiny_workspace(tmp_path, sampler="botorch", layers=4, family="llama", **sear
     g = torch.Generator().manual_seed(0)
     data = {"calibration": torch.randint(0, 300, (8, 16), generator=g),
             "search": torch.randint(0, 300, (4, 16), generator=g)}
-    cfg = SearchConfig(**{"sampler": sampler, "trials": 8, "groups": 2, "r_min": 0.2, "startup": 3, **search_kw})
+    cfg = SearchConfig(**{"sampler": sampler, "trials": 8, "space": "groups", "groups": 2, "r_min": 0.2, "startup": 3,
+                          **search_kw})
     study = Study(name="tiny", seq_len=16, partitions=2, remove=0.3, rank_multiple=2,
                   storage=f"sqlite:///{tmp_path}/studies.db", cache_dir=str(tmp_path / "cache"), search=cfg)
     ws = Workspace(study, model, None, adapter_for(model), data)
