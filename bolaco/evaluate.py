@@ -9,7 +9,9 @@ holds the model's weight fingerprint: results of other weights (a re-exported fo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,8 @@ from .data import CORPORA, tokenize_corpus
 from .errors import BolacoError
 from .store import atomic_write
 from .tasks import ZERO_SHOT
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CORPORA = ("wikitext2-test", "ptb-test", "c4-valid")
 CORPUS_LABELS = {"wikitext2-test": "WikiText-2 test", "wikitext2-valid": "WikiText-2 valid", "ptb-test": "PTB test",
@@ -67,7 +71,14 @@ def results_path(spec: str | None) -> Path:
     return Path("storage") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") + ".json")
 
 
+def _digest(results: dict) -> str:
+    return hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
+
+
 class ResultsFile:
+    """Evaluation results of one model's weights (by fingerprint), with a sha256 of the results so that an
+    edited or damaged file is recomputed instead of reported."""
+
     def __init__(self, path: Path, fingerprint: str, label: str):
         self.path, self.fingerprint, self.label = Path(path), fingerprint, label
         self.results: dict = {}
@@ -75,16 +86,19 @@ class ResultsFile:
             try:
                 stored = json.loads(self.path.read_text())
                 same = stored["fingerprint"] == fingerprint
-                results = stored["results"]
+                results, digest = stored["results"], stored.get("sha256")
             except (ValueError, KeyError, TypeError):
                 raise BolacoError(f"{self.path} is not a bolaco results file: delete it or pass --results") from None
-            if same:
+            if digest != _digest(results):
+                log.warning("results file %s does not match its sha256 (edited or damaged): recomputing", self.path)
+            elif same:
                 self.results = results
 
     def save(self, key: str, value: dict) -> None:
         self.results[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"model": self.label, "fingerprint": self.fingerprint, "results": self.results}, indent=1)
+        text = json.dumps({"model": self.label, "fingerprint": self.fingerprint, "results": self.results,
+                           "sha256": _digest(self.results)}, indent=1)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -17,6 +17,7 @@ loss sequence.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from tqdm.auto import tqdm
 from .arch import Adapter, adapter_for
 from .decompose import LowRankLinear
 from .errors import BolacoError
-from .store import atomic_write
+from .store import atomic_write, file_sha256
 from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
+
+log = logging.getLogger(__name__)
 
 class DiagonalScaling(nn.Module):
     """A LowRankLinear with trainable diagonal scalings between the factors and on the output."""
@@ -60,6 +63,10 @@ def lowrank_ids(adapter: Adapter) -> list[str]:
 
 
 class _Checkpoint:
+    """Trainable tensors and AdamW state in `state-<step>.safetensors`, and `state.json` naming that file with
+    its size and sha256. The JSON is replaced after the tensors are written, so a kill at any point leaves a
+    consistent pair; a damaged pair is reported and training starts over (it is deterministic)."""
+
     def __init__(self, folder: Path | None):
         self.folder = folder
 
@@ -72,9 +79,14 @@ class _Checkpoint:
         for i, p in enumerate(trainable.values()):
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"adam.{i}.{key}"] = value.detach().cpu().reshape(-1).contiguous()
-        atomic_write(self.folder / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-        atomic_write(self.folder / "state.json",
-                      lambda tmp: Path(tmp).write_text(json.dumps({"step": step, "losses": losses})))
+        path = self.folder / f"state-{step}.safetensors"
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        meta = {"step": step, "losses": losses, "file": path.name, "size": path.stat().st_size,
+                "sha256": file_sha256(path)}
+        atomic_write(self.folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        for old in self.folder.glob("state-*.safetensors"):
+            if old != path:
+                old.unlink()
 
     def load(self, trainable: dict[str, nn.Parameter], optimizer) -> tuple[int, list[float]]:
         if self.folder is None or not (self.folder / "state.json").is_file():
@@ -82,7 +94,10 @@ class _Checkpoint:
         from safetensors.torch import load_file
         try:
             meta = json.loads((self.folder / "state.json").read_text())
-            tensors = load_file(self.folder / "state.safetensors")
+            path = self.folder / meta["file"]
+            if not path.is_file() or path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
+                raise ValueError(f"{path.name} does not match state.json")
+            tensors = load_file(path)
             with torch.no_grad():
                 for i, (n, p) in enumerate(trainable.items()):
                     p.copy_(tensors[f"param.{n}"])
@@ -90,10 +105,11 @@ class _Checkpoint:
                     if state:
                         optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.reshape(p.shape)).to(p.device)
                                               for k, v in state.items()}
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:
-            raise BolacoError(f"fine-tuning checkpoint in {self.folder} is corrupt or from other settings ({exc}): "
-                              "delete the folder to start over")
-        return meta["step"], meta["losses"]
+            return int(meta["step"]), [float(x) for x in meta["losses"]]
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            log.warning("fine-tuning checkpoint in %s is corrupt (%s): starting over from step 0", self.folder, exc)
+            optimizer.state.clear()
+            return 0, []
 
 
 def _batch_indices(n: int, batch_size: int, micro: int, seed: int, perms: dict) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Per-block cache files: written atomically, verified by sha256, keyed by a manifest.
 
 A store is a folder holding `manifest.json` (what the cache was built from), one
-`block_NNN.safetensors` per decoder block and `index.json` (the sha256 of each finished block).
-A block counts as done only once its file is in the index, so an interrupted run resumes at the
-first missing block; a file whose bytes no longer match the index is reported as corrupt.
+`block_NNN.safetensors` per decoder block and `index.json` (size and sha256 of each finished block).
+A block counts as done only once its file is in the index and its bytes match it (checked once per
+process), so an interrupted run resumes at the first missing block, and a truncated or altered file is
+dropped from the index and recomputed by the stage that builds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CacheError
 
+log = logging.getLogger(__name__)
 
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -42,7 +45,7 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -76,32 +79,70 @@ class BlockStore:
     def _index_path(self) -> Path:
         return self.root / "index.json"
 
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, dict]:
+        """{block: {"size", "sha256"}}; an unreadable index loses nothing but the time to re-verify its blocks."""
         if not self._index_path.exists():
             return {}
         try:
-            return json.loads(self._index_path.read_text())
-        except json.JSONDecodeError:
-            raise CacheError(f"{self.what} cache index {self._index_path} is corrupt: delete {self.root} and run again")
+            index = json.loads(self._index_path.read_text())
+            if not all(isinstance(e, dict) and {"size", "sha256"} <= set(e) for e in index.values()):
+                raise ValueError("entries without size and sha256")
+            return index
+        except ValueError as exc:
+            log.warning("%s cache index %s is unreadable (%s): every block is recomputed", self.what,
+                        self._index_path, exc)
+            self._index_path.unlink()
+            return {}
 
     def block_path(self, block: int) -> Path:
         return self.root / f"block_{block:03d}.safetensors"
 
-    def done(self) -> list[int]:
-        return sorted(int(b) for b in self._index())
+    def _problem(self, block: int) -> str | None:
+        """Why block `block`'s file does not match its index entry (None: it matches)."""
+        entry, path = self._index().get(str(block)), self.block_path(block)
+        if entry is None:
+            return "not in the index"
+        if not path.is_file():
+            return "its file is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{size} bytes instead of {entry['size']}"
+        if file_sha256(path) != entry["sha256"]:
+            return "its sha256 differs from the index"
+        return None
+
+    def _drop(self, block: int) -> None:
+        index = self._index()
+        index.pop(str(block), None)
+        _write_json(self._index_path, index)
+        self.block_path(block).unlink(missing_ok=True)
+        self._verified.discard(block)
 
     def has(self, block: int) -> bool:
-        return str(block) in self._index()
+        """Whether block `block` is done: indexed and its bytes verified. A corrupt block is dropped (logged),
+        so that the stage computes it again."""
+        if block in self._verified:
+            return True
+        if str(block) not in self._index():
+            return False
+        problem = self._problem(block)
+        if problem is None:
+            self._verified.add(block)
+            return True
+        log.warning("%s cache block %d (%s) is corrupt: %s; recomputing it", self.what, block,
+                    self.block_path(block), problem)
+        self._drop(block)
+        return False
 
     @property
     def complete(self) -> bool:
-        return len(self._index()) == self.n_blocks
+        return all(self.has(b) for b in range(self.n_blocks))
 
     def write(self, block: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self.block_path(block)
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         index = self._index()
-        index[str(block)] = _sha256(path)
+        index[str(block)] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         _write_json(self._index_path, index)
         self._verified.add(block)
 
@@ -113,13 +154,9 @@ class BlockStore:
         return safe_open(self._verified_path(block), framework="pt")
 
     def _verified_path(self, block: int) -> Path:
-        path = self.block_path(block)
-        expected = self._index().get(str(block))
-        if expected is None:
+        if str(block) not in self._index():
             raise CacheError(f"{self.what} cache {self.root} has no block {block}: run the stage that builds it")
-        if block not in self._verified:
-            if not path.is_file() or _sha256(path) != expected:
-                raise CacheError(f"{self.what} cache file {path} is corrupt or truncated: delete it "
-                                 "(or the whole folder) and run again to recompute it")
-            self._verified.add(block)
-        return path
+        if not self.has(block):   # dropped: the next run of the same command recomputes it
+            raise CacheError(f"{self.what} cache block {block} in {self.root} was corrupt and is now dropped: "
+                             "run the command again to recompute it")
+        return self.block_path(block)

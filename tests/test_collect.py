@@ -68,7 +68,8 @@ def test_interrupted_collect_resumes_to_identical_cache(tmp_path, monkeypatch):
         collect(model, calibration, tmp_path / "b", partitions=2, progress=False)
     monkeypatch.setattr(BlockStore, "write", real_write)
     store_dirs = list((tmp_path / "b").iterdir())
-    assert BlockStore(store_dirs[0] / "covariance", full.store.key, 4, "covariance").done() == [0, 1]
+    store = BlockStore(store_dirs[0] / "covariance", full.store.key, 4, "covariance")
+    assert [b for b in range(4) if store.has(b)] == [0, 1]
 
     resumed = collect(model, calibration, tmp_path / "b", partitions=2, progress=False)
     for b in range(4):
@@ -78,17 +79,53 @@ def test_interrupted_collect_resumes_to_identical_cache(tmp_path, monkeypatch):
             assert torch.equal(a[k], c[k]), (b, k)
 
 
-def test_truncated_and_mismatched_cache_are_reported(tmp_path):
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        del data[-100:]
+    else:               # one flipped byte in the tensor data: same size, other sha256
+        data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_block_is_recomputed_by_the_next_collect(tmp_path, how, caplog):
     model = tiny_model("llama")
     calibration = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
     cache = collect(model, calibration, tmp_path, progress=False)
     path = cache.store.block_path(1)
-    path.write_bytes(path.read_bytes()[:-100])
-    fresh = collect(model, calibration, tmp_path, progress=False)  # complete: reuses the cache
-    with pytest.raises(CacheError, match="corrupt or truncated"):
-        fresh.moments(1, "attn_in")
+    original = path.read_bytes()
+    _damage(path, how)
+    with caplog.at_level("WARNING", logger="bolaco"):
+        again = collect(model, calibration, tmp_path, progress=False)
+    assert "covariance cache block 1" in caplog.text and "recomputing" in caplog.text
+    assert path.read_bytes() == original            # recomputed bit for bit
+    assert torch.equal(again.moments(1, "attn_in").cov, cache.moments(1, "attn_in").cov)
+
+
+def test_a_block_damaged_after_the_stage_is_refused_then_recomputed(tmp_path):
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
+    collect(model, calibration, tmp_path, progress=False)
+    fresh = collect(model, calibration, tmp_path, progress=False)   # verified: blocks 0..2 are read from disk
+    fresh.store._verified.clear()           # as a later process would see it
+    _damage(fresh.store.block_path(2), "flip")
+    with pytest.raises(CacheError, match="run the command again to recompute it"):
+        fresh.moments(2, "mlp_in")
+    again = collect(model, calibration, tmp_path, progress=False)   # the advice works
+    again.moments(2, "mlp_in")
     with pytest.raises(CacheError, match="different inputs"):
-        BlockStore(cache.store.root, {"other": 1}, 3, "covariance")
+        BlockStore(again.store.root, {"other": 1}, 3, "covariance")
+
+
+def test_an_unreadable_index_recomputes_every_block(tmp_path):
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
+    cache = collect(model, calibration, tmp_path, progress=False)
+    before = {b: cache.store.block_path(b).read_bytes() for b in range(3)}
+    (cache.store.root / "index.json").write_text("{not json")
+    again = collect(model, calibration, tmp_path, progress=False)
+    assert {b: again.store.block_path(b).read_bytes() for b in range(3)} == before
 
 
 def test_collect_refuses_bad_input(tmp_path):

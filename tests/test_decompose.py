@@ -132,9 +132,12 @@ def test_apply_then_restore_is_bit_identical(compressed):
         assert torch.equal(model(input_ids=ids).logits, ref)
 
 
-def test_bases_cache_is_reused_and_verified(compressed, tmp_path):
+def test_bases_cache_is_reused_and_verified(compressed, tmp_path, monkeypatch):
     model, adapter, comp, calibration = compressed
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False)   # the cached run
+    import bolaco.decompose as decompose
+    real_block_bases = decompose._block_bases
+    monkeypatch.setattr(decompose, "_block_bases", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = build_bases(adapter, cov, "feature", progress=False)
     assert again.store.complete and again.store.root == comp.bases.store.root
     lid = f"1.{adapter.types[-2]}"        # gate/up, gate_up, or an MoE model's o
@@ -145,3 +148,14 @@ def test_bases_cache_is_reused_and_verified(compressed, tmp_path):
     assert torch.allclose(down, q_t @ adapter.module(lid).weight, atol=1e-5)   # cached Q^T W
     spectrum = again.spectrum(lid)
     assert torch.all(spectrum[:-1] >= spectrum[1:])                                  # sorted descending
+
+    # a damaged block is recomputed by the next build, bit for bit
+    path = again.store.block_path(1)
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[-3] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    monkeypatch.setattr(decompose, "_block_bases", real_block_bases)
+    build_bases(adapter, collect(model, calibration, tmp_path, partitions=2, progress=False), "feature",
+                progress=False)
+    assert path.read_bytes() == original

@@ -28,6 +28,8 @@ def test_results_file_keeps_results_of_the_same_weights_only(tmp_path):
     assert ResultsFile(path, "abc", "m").results == first.results
     assert ResultsFile(path, "other weights", "m").results == {}
     assert json.loads(path.read_text())["fingerprint"] == "abc"
+    path.write_text(path.read_text().replace("40.0", "4.0"))    # an edited value is not believed
+    assert ResultsFile(path, "abc", "m").results == {}
     path.write_text("{not json")
     with pytest.raises(BolacoError, match="not a bolaco results file"):
         ResultsFile(path, "abc", "m")

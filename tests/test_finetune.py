@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -68,6 +70,25 @@ def test_resumed_run_continues_the_same_loss_sequence(tmp_path, monkeypatch):
     assert resumed == pytest.approx(full, rel=1e-6)
 
 
+def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path, caplog):
+    cfg = FinetuneConfig(steps=4, batch_size=2, lr=1e-2, warmup=1, checkpoint_every=2, lora_r=2)
+    model, _ = compressed_model(tmp_path / "a")
+    full = SubspaceTuner(model, cfg).fit(SEQS, checkpoint=tmp_path / "ckpt", progress=False)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert [p.name for p in (tmp_path / "ckpt").glob("state-*")] == [state["file"]]   # older ones are removed
+    path = tmp_path / "ckpt" / state["file"]
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model, _ = compressed_model(tmp_path / "b")
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    with caplog.at_level("WARNING", logger="bolaco"):
+        again = SubspaceTuner(model, cfg).fit(SEQS, checkpoint=tmp_path / "ckpt", progress=False)
+    assert "checkpoint" in caplog.text and "starting over from step 0" in caplog.text
+    assert len(forwards) == 4 and again == full
+
+
 def test_refuses_models_without_low_rank_layers():
     with pytest.raises(BolacoError, match="no low-rank layers"):
         SubspaceTuner(tiny_model("llama"), FinetuneConfig())
@@ -89,7 +110,6 @@ def test_finetune_command_refuses_test_data_and_missing_models(tmp_path, capsys)
 
 
 def test_finetune_command_end_to_end(tmp_path, tokenizer):
-    import json
     from bolaco.cli import main
     model = tiny_model("mistral", vocab_size=len(tokenizer))
     calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))

@@ -138,6 +138,15 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
         for (name, p), (_, q) in zip(layers[lid].named_parameters(), again[lid].named_parameters()):
             assert torch.equal(p, q), (lid, name)
 
+    # a damaged cached block is recomputed to the same layers
+    block1 = index.parent / "block_001.safetensors"
+    data = bytearray(block1.read_bytes())
+    data[-7] ^= 0xFF
+    block1.write_bytes(bytes(data))
+    again = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4,
+                  cache_root=tmp_path / "refit", progress=False)
+    assert all(torch.equal(p, q) for lid in layers for p, q in zip(layers[lid].parameters(), again[lid].parameters()))
+
     # a complete cache is read without running a single block
     import bolaco.refit as refit_module
     real = refit_module.run_block
