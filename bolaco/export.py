@@ -2,43 +2,73 @@
 
 An exported directory holds `model.safetensors` (factors of the low-rank layers and the remaining
 dense weights; tied weights stored once) or, above the shard size, `model-0000i-of-0000n.safetensors`
-shards with `model.safetensors.index.json` (Hugging Face's layout), the base architecture's `config.json`,
+shards with `model.safetensors.index.json` (Hugging Face's layout), `config.json`, `modeling_bolaco.py`,
 `bolaco.json` (rank map, method, budget, provenance) and the tokenizer.
+
+config.json is the base architecture's with model_type "bolaco", the low-rank layers and an `auto_map` to
+modeling_bolaco.py (bolaco.layers plus a subclass of the base model that puts those layers in place). So
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the right model without bolaco,
+and plain loading without trust_remote_code fails loudly instead of building the dense architecture with
+random projections.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
-from . import __version__
+from . import __version__, layers
 from .arch import adapter_for
 from .budget import RankMap
-from .decompose import LowRankLinear
 from .errors import BolacoError
+from .layers import LowRankLinear
 
-FORMAT = 1
+FORMAT = 2
 INDEX = "model.safetensors.index.json"
+MODEL_TYPE = "bolaco"
+MODELING = "modeling_bolaco.py"
+
+_MODELING_CLASSES = '''
+
+from transformers import {config_class} as _BaseConfig, {model_class} as _BaseModel
 
 
-def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """The state dict of model.safetensors, or of every shard named by the index."""
+class BolacoConfig(_BaseConfig):
+    """The base architecture's configuration; `bolaco` holds the low-rank layers {{path: [rank, bias]}}."""
+    model_type = "{model_type}"
+
+
+class BolacoForCausalLM(_BaseModel):
+    """The base model with its compressed projections replaced by LowRankLinear before the weights load."""
+    config_class = BolacoConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for path, (rank, bias) in config.bolaco["layers"].items():
+            dense = self.get_submodule(path)
+            parent, _, name = path.rpartition(".")
+            setattr(self.get_submodule(parent), name,
+                    LowRankLinear(dense.in_features, dense.out_features, rank, bias, dense.bias is not None,
+                                  device=dense.weight.device, dtype=dense.weight.dtype))
+'''
+
+
+def _weight_files(weights: Path) -> list[Path]:
+    """model.safetensors, or every shard named by the index."""
     if weights.name != INDEX:
-        return load_file(weights)
+        return [weights]
     try:
-        shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError) as exc:
+        return [weights.parent / f for f in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise BolacoError(f"{weights} is corrupt ({exc}): export the model again")
-    state = {}
-    for shard in shards:
-        state.update(load_file(weights.parent / shard))
-    return state
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -72,7 +102,18 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     config = model.config.to_dict()
     config.pop("quantization_config", None)      # a dequantized GGUF model is a plain float model now
     config.pop("_name_or_path", None)
+    config.update(model_type=MODEL_TYPE, architectures=["BolacoForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_bolaco.BolacoConfig",
+                            "AutoModelForCausalLM": "modeling_bolaco.BolacoForCausalLM"},
+                  bolaco={"base_model_type": model.config.model_type,
+                          "layers": {adapter.linears[lid].path: [k, adapter.module(lid).up.bias is not None]
+                                     for lid, k in sorted(ranks.items())}})
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    (out / MODELING).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
+                                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).\n"
+                                + inspect.getsource(layers) + _MODELING_CLASSES.format(
+                                    config_class=type(model.config).__name__, model_class=type(model).__name__,
+                                    model_type=MODEL_TYPE))
     for old in [*out.glob("model*.safetensors"), out / INDEX]:   # a previous export with other sharding
         old.unlink(missing_ok=True)
     save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
@@ -87,28 +128,92 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     return out
 
 
-def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
-    """Rebuild an exported model: the base architecture with LowRankLinear layers, weights from safetensors."""
-    path = Path(path)
+def _header_shapes(weights: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from the safetensors headers (no tensor data is read)."""
+    shapes = {}
+    for f in _weight_files(weights):
+        try:
+            with safe_open(f, framework="pt") as handle:
+                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
+        except Exception as exc:   # safetensors raises its own error types for damaged headers
+            raise BolacoError(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0]}): "
+                              "export the model again")
+    return shapes
+
+
+def _read_meta(path: Path) -> dict:
     meta_path = path / "bolaco.json"
-    weights = path / INDEX if (path / INDEX).is_file() else path / "model.safetensors"
-    for f in (meta_path, weights, path / "config.json"):
-        if not f.is_file():
-            raise BolacoError(f"{path} is not a bolaco export: {f.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-        ranks, biased, dense_biased = meta["ranks"], set(meta["lowrank_bias"]), set(meta["dense_bias"])
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise BolacoError(f"{meta_path} is corrupt ({exc}): export the model again")
+    except json.JSONDecodeError as exc:
+        raise BolacoError(f"{meta_path} is not valid JSON ({exc}): export the model again")
+    if not isinstance(meta, dict):
+        raise BolacoError(f"{meta_path} must hold a JSON object: export the model again")
     if meta.get("format") != FORMAT:
-        raise BolacoError(f"{path} was written in bolaco export format {meta.get('format')}; this bolaco reads {FORMAT}")
-    config = AutoConfig.from_pretrained(path)
-    state = _load_weights(weights)
+        raise BolacoError(f"{path} was written in bolaco export format {meta.get('format')}; this bolaco reads "
+                          f"{FORMAT}: export the model again with this version")
+    ranks = meta.get("ranks")
+    if not isinstance(ranks, dict) or not all(isinstance(k, int) and not isinstance(k, bool) for k in ranks.values()):
+        raise BolacoError(f"{meta_path}: 'ranks' must map layer ids to integer ranks, e.g. {{\"0.q\": 64}}: "
+                          "export the model again")
+    for key in ("lowrank_bias", "dense_bias"):
+        if not isinstance(meta.get(key), list) or not all(isinstance(x, str) for x in meta[key]):
+            raise BolacoError(f"{meta_path}: '{key}' must be a list of layer ids: export the model again")
+    return meta
+
+
+def _check_against_weights(meta: dict, adapter, shapes: dict[str, list[int]], where: Path) -> None:
+    """Every rank, bias and layer id of bolaco.json agrees with the tensors stored."""
+    for lid, k in meta["ranks"].items():
+        if lid not in adapter.linears:
+            raise BolacoError(f"{where}: '{lid}' is not a projection of this {adapter.family} model "
+                              f"(ids look like {next(iter(adapter.linears))}): export the model again")
+        li = adapter.linears[lid]
+        down, up = shapes.get(f"{li.path}.down.weight"), shapes.get(f"{li.path}.up.weight")
+        if down is None or up is None:
+            raise BolacoError(f"{where}: '{lid}' is listed as low-rank but the weights hold no factors for it: "
+                              "export the model again")
+        if down != [k, li.d_in] or up != [li.d_out, k]:
+            raise BolacoError(f"{where}: the rank of '{lid}' is {k} but the weights store {down[0]}: "
+                              "export the model again")
+        if (f"{li.path}.up.bias" in shapes) != (lid in meta["lowrank_bias"]):
+            raise BolacoError(f"{where}: the bias of '{lid}' does not match the weights: export the model again")
+
+
+def base_config(path: Path):
+    """The base architecture's configuration of an export."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        base = raw["bolaco"]["base_model_type"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        base = None
+    if base not in CONFIG_MAPPING or raw.get("model_type") != MODEL_TYPE:
+        raise BolacoError(f"{path / 'config.json'} is not a bolaco export's configuration: export the model again")
+    for key in ("auto_map", "bolaco", "architectures"):
+        raw.pop(key)
+    raw["model_type"] = base
+    return CONFIG_MAPPING[base].from_dict(raw)
+
+
+def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    """Rebuild an exported model: the base architecture with LowRankLinear layers, weights from safetensors.
+    bolaco.json is checked against the safetensors headers first, so an edited file gets a one-line error."""
+    path = Path(path)
+    weights = path / INDEX if (path / INDEX).is_file() else path / "model.safetensors"
+    for f in (path / "bolaco.json", weights, path / "config.json"):
+        if not f.is_file():
+            raise BolacoError(f"{path} is not a bolaco export: {f.name} is missing")
+    meta = _read_meta(path)
+    shapes = _header_shapes(weights)
+    config = base_config(path)
+    state = {k: v for f in _weight_files(weights) for k, v in load_file(f).items()}
     dtype = dtype or next(iter(state.values())).dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(model)
-    for lid, k in ranks.items():
+    _check_against_weights(meta, adapter, shapes, path / "bolaco.json")
+    biased, dense_biased = set(meta["lowrank_bias"]), set(meta["dense_bias"])
+    for lid, k in meta["ranks"].items():
         li = adapter.linears[lid]
         adapter.replace(lid, LowRankLinear(li.d_in, li.d_out, k, lid in biased, lid in dense_biased, device="meta",
                                            dtype=dtype))
@@ -123,4 +228,3 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer
-

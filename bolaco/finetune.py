@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter, adapter_for
-from .decompose import LowRankLinear
+from .layers import LowRankLinear
 from .errors import BolacoError
 from .store import atomic_write, file_sha256
 from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig

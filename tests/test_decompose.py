@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from bolaco.collect import collect
-from bolaco.decompose import METHODS, LowRankLinear, build_bases, factor_parts, output_basis, truncate
+from bolaco.layers import LowRankLinear
+from bolaco.decompose import METHODS, build_bases, factor_parts, output_basis, truncate
 from bolaco.export import count_params
 from conftest import tiny_model, uniform_compressor
 

@@ -4,7 +4,7 @@ import torch
 
 import bolaco
 from bolaco.arch import adapter_for
-from bolaco.decompose import LowRankLinear
+from bolaco.layers import LowRankLinear
 from bolaco.export import count_params, export
 from conftest import tiny_model, uniform_compressor
 

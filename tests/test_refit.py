@@ -5,7 +5,8 @@ the cache resumes)."""
 import pytest
 import torch
 
-from bolaco.decompose import LowRankLinear, output_basis
+from bolaco.decompose import output_basis
+from bolaco.layers import LowRankLinear
 from bolaco.refit import PairAccumulator, fit_linear, refit
 from conftest import tiny_model, uniform_compressor
 
