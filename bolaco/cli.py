@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -101,12 +102,30 @@ def cmd_surgical(args) -> None:
 
 
 def cmd_dashboard(args) -> None:
-    import os
+    # served from this process: the storage URL (and its password) never appears on a command line `ps` shows
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import wsgi
+    from .search import masked_url, open_storage
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *_args):   # no line per HTTP request
+            pass
+
     study = _study(args)
-    exe = Path(sys.executable).with_name("optuna-dashboard")
-    cmd = [str(exe), study.storage, "--host", args.host, "--port", str(args.port), "--artifact-dir", args.artifact_dir]
-    print("running", " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)   # replace this process, so that its PID is the server's
+    storage = open_storage(study.storage)
+    Path(args.artifact_dir).mkdir(parents=True, exist_ok=True)
+    app = wsgi(storage, artifact_store=FileSystemArtifactStore(args.artifact_dir))
+    try:
+        server = make_server(args.host, args.port, app, handler_class=QuietHandler)
+    except OSError as exc:
+        raise BolacoError(f"the dashboard cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): "
+                          "choose another port with --port (make dashboard PORT=...)")
+    print(f"optuna-dashboard for {masked_url(study.storage)} on http://{args.host}:{args.port} (Ctrl-C stops it)",
+          flush=True)
+    with server:
+        server.serve_forever()
 
 
 def cmd_finetune(args) -> None:
@@ -221,7 +240,9 @@ def cmd_families(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bolaco", description=__doc__)
+    p = argparse.ArgumentParser(prog="bolaco", description=__doc__, epilog=EXIT_CODES)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages of bolaco")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     def study_command(name, help_, func):
@@ -303,8 +324,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_CODES = "exit codes: 0 done, 2 a usage or input error (one line says what to do), 130 interrupted (Ctrl-C)"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests swap it between calls of main)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+_HANDLER = _StderrHandler()
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """bolaco's library modules log (warnings such as a recomputed cache block); the command shows them."""
+    log = logging.getLogger("bolaco")
+    if _HANDLER not in log.handlers:
+        _HANDLER.setFormatter(logging.Formatter("bolaco: %(message)s"))
+        log.addHandler(_HANDLER)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
     if getattr(args, "device", "unset") is None:
         args.device = "cuda" if torch.cuda.is_available() else None
     try:

@@ -121,14 +121,14 @@ def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, o
           compare: list[Study] = (), out_root: Path = Path("out")) -> Path:
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
-    from .search import allocation_heatmap, open_storage
+    from .search import allocation_heatmap, masked_url, open_storage
     from .surgical import accepted_ranks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = bo_studies(study, compare)
     md = [f"# bolaco report: {study.name}", "",
           f"Model `{study.model}`, budget: remove {study.remove:.0%} of the decomposable parameters "
-          f"({budget.decomposable:,}), method `{study.method}`, study store `{study.storage}`.", ""]
+          f"({budget.decomposable:,}), method `{study.method}`, study store `{masked_url(study.storage)}`.", ""]
     if studies:
         search_curve_png(studies, out / "search.png")
         md += ["## Search", "", "| study | finished trials | best objective | its search ppl | best trial | removed "

@@ -116,6 +116,10 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"study file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise BolacoError(f"study file {path} is not valid YAML: {where}{exc.problem or exc.context}")
     except yaml.YAMLError as exc:
         raise BolacoError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(raw, dict):

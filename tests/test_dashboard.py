@@ -43,6 +43,7 @@ def test_dashboard_lists_the_study_and_trial_user_attrs(tmp_path):
                 assert time.time() < end and proc.poll() is None, proc.stdout.read().decode()
                 time.sleep(0.3)
         assert [s["study_name"] for s in studies] == ["tiny-botorch"]
+        assert "sqlite" not in Path(f"/proc/{proc.pid}/cmdline").read_text()   # the URL is on no command line
         detail = _get(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}")
         assert len(detail["trials"]) == 2
         attrs = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}

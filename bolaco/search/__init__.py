@@ -4,7 +4,7 @@ SQLAlchemy database and shared by any number of workers."""
 
 from .sampler import BudgetSampler
 from .space import SearchSpace
-from .worker import (ARTIFACT_DIR, allocation_heatmap, best_ranks, open_storage, run, study_name, summary)
+from .worker import (ARTIFACT_DIR, allocation_heatmap, best_ranks, masked_url, open_storage, run, study_name, summary)
 
-__all__ = ["ARTIFACT_DIR", "BudgetSampler", "SearchSpace", "allocation_heatmap", "best_ranks",
+__all__ = ["ARTIFACT_DIR", "BudgetSampler", "SearchSpace", "allocation_heatmap", "best_ranks", "masked_url",
            "open_storage", "run", "study_name", "summary"]

@@ -11,6 +11,7 @@ keep ratios, so the budget is the hyperplane P . x = rhs with P = W^T (dense par
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from ..arch import Adapter
 from ..budget import Budget, RankMap
 from ..errors import BolacoError
 from ..study import Study
+
+log = logging.getLogger(__name__)
 
 
 def _type_groups(adapter: Adapter, tie, dense) -> list[tuple[str, ...]]:
@@ -33,6 +36,9 @@ def _depth_weights(space: str, n_blocks: int, groups: int, knots: int) -> tuple[
         return [""], torch.ones(n_blocks, 1, dtype=torch.float64)
     if space == "groups":
         g = min(groups, n_blocks)
+        if g < groups:
+            log.warning("search.groups %d is more than the model's %d blocks: using %d (one group per block)",
+                        groups, n_blocks, g)
         owner = [b * g // n_blocks for b in range(n_blocks)]
         names = []
         for j in range(g):

@@ -23,6 +23,8 @@ import optuna
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .. import perplexity
 from ..budget import Budget, RankMap
@@ -40,17 +42,31 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+def masked_url(url: str) -> str:
+    """The storage URL as it may be shown: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def open_storage(url: str) -> RDBStorage:
     """An Optuna RDB storage with a heartbeat: a trial whose worker died is failed and re-queued."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as exc:   # sqlalchemy raises many types; the user needs the URL and the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BolacoError(f"cannot open the study storage {url}: {first}") from exc
+        try:
+            password = make_url(url).password
+        except ArgumentError:
+            password = None
+        if password:
+            first = first.replace(str(password), "***")
+        raise BolacoError(f"cannot open the study storage {masked_url(url)}: {first}") from None
 
 
 def study_name(study: Study) -> str:
@@ -71,7 +87,7 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
         else optuna.pruners.NopPruner()
     exists = name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if not create and not exists:
-        raise BolacoError(f"no study '{name}' in {study.storage}: start it with `make study` (bolaco search) first")
+        raise BolacoError(f"no study '{name}' in {masked_url(study.storage)}: start it with `make study` (bolaco search) first")
     opt = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
                               pruner=pruner, load_if_exists=True)
     attrs = _study_attrs(study, space)
@@ -85,7 +101,7 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
         found = {k: opt.user_attrs.get(k) for k in attrs}
         if found != attrs:
             diff = [k for k in attrs if found[k] != attrs[k]]
-            raise BolacoError(f"study '{name}' in {study.storage} was created with another {', '.join(diff)} "
+            raise BolacoError(f"study '{name}' in {masked_url(study.storage)} was created with another {', '.join(diff)} "
                               "(or by an older bolaco): use a new study name or the study file it was created with")
     return opt, storage
 
@@ -313,7 +329,7 @@ def run(ws, comp, create: bool, trials: int | None = None, artifacts: str | None
                                             next(ws.model.parameters()).device.type == "cuda")
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # bolaco prints one short line per trial
     done = finished(opt)
-    print(f"study {opt.study_name} in {study.storage}: {space.dim} variables ({cfg.space}), objective "
+    print(f"study {opt.study_name} in {masked_url(study.storage)}: {space.dim} variables ({cfg.space}), objective "
           f"{cfg.objective}, {min(done, target)} of {target} trials finished, sampler {cfg.sampler}"
           + (", proposing ahead" if prefetch else ""))
     if done < target:
@@ -331,5 +347,5 @@ def best_ranks(study: Study) -> tuple[RankMap, optuna.trial.FrozenTrial]:
         opt = optuna.load_study(study_name=name, storage=storage)
         best = opt.best_trial
     except (KeyError, ValueError):
-        raise BolacoError(f"study '{name}' in {study.storage} has no finished trial yet: run `make study` first")
+        raise BolacoError(f"study '{name}' in {masked_url(study.storage)} has no finished trial yet: run `make study` first")
     return {k: int(v) for k, v in best.user_attrs["ranks"].items()}, best

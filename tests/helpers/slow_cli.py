@@ -1,0 +1,34 @@
+"""`python slow_cli.py ARGS...`: the bolaco command, with every durable write (cache blocks, finetune checkpoints,
+evaluation results, the export's weights) and every perplexity evaluation padded by a pause, so that a test can
+SIGKILL the process at a random point inside a stage of a tiny model instead of after it."""
+
+import sys
+import time
+
+PAUSE = 0.15
+
+
+def _slow(owner, name):
+    real = getattr(owner, name)
+
+    def slowed(*args, **kwargs):
+        time.sleep(PAUSE)
+        out = real(*args, **kwargs)
+        time.sleep(PAUSE)
+        return out
+    setattr(owner, name, slowed)
+
+
+if __name__ == "__main__":
+    import bolaco.evaluate
+    import bolaco.export
+    import bolaco.finetune
+    import bolaco.perplexity
+    import bolaco.store
+    from bolaco.cli import main
+    _slow(bolaco.store.BlockStore, "write")
+    _slow(bolaco.finetune._Checkpoint, "save")
+    _slow(bolaco.evaluate.ResultsFile, "save")
+    _slow(bolaco.export, "save_torch_state_dict")
+    _slow(bolaco.perplexity, "perplexity")
+    sys.exit(main(sys.argv[1:]))
