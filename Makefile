@@ -15,7 +15,10 @@ PORT ?= 8080
 # extra flags for `bolaco eval`, e.g. EVAL_ARGS="--limit 50" or EVAL_ARGS=--full
 EVAL_ARGS ?=
 COMPARE ?=
-STORAGE_FLAG = $(if $(STORAGE),--storage $(STORAGE))
+# the URL reaches bolaco through the environment, not a command line (which `ps` shows to every user)
+ifneq ($(STORAGE),)
+export BOLACO_STORAGE := $(STORAGE)
+endif
 
 .PHONY: setup test collect compress study worker dashboard export finetune surgical eval report clean-cache
 
@@ -38,19 +41,19 @@ compress:
 	$(BIN)/bolaco compress --study $(STUDY) --uniform $(if $(OUT),--out $(OUT))
 
 study:
-	$(BIN)/bolaco search --study $(STUDY) $(STORAGE_FLAG) $(if $(TRIALS),--trials $(TRIALS))
+	$(BIN)/bolaco search --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS))
 
 worker:
-	$(BIN)/bolaco worker --study $(STUDY) $(STORAGE_FLAG) $(if $(TRIALS),--trials $(TRIALS))
+	$(BIN)/bolaco worker --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS))
 
 dashboard:
-	$(BIN)/bolaco dashboard --study $(STUDY) $(STORAGE_FLAG) --port $(PORT)
+	$(BIN)/bolaco dashboard --study $(STUDY) --port $(PORT)
 
 export:
-	$(BIN)/bolaco export --study $(STUDY) $(STORAGE_FLAG) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
+	$(BIN)/bolaco export --study $(STUDY) $(if $(RANKS),--ranks $(RANKS)) $(if $(OUT),--out $(OUT))
 
 surgical:
-	$(BIN)/bolaco surgical --study $(STUDY) $(STORAGE_FLAG)
+	$(BIN)/bolaco surgical --study $(STUDY)
 
 finetune:
 	$(BIN)/bolaco finetune --study $(STUDY) $(if $(OUT),--out $(OUT))
@@ -59,7 +62,7 @@ eval:
 	$(BIN)/bolaco eval $(MODEL) $(EVAL_ARGS)
 
 report:
-	$(BIN)/bolaco report --study $(STUDY) $(STORAGE_FLAG) $(if $(COMPARE),--compare $(COMPARE)) $(if $(OUT),--out $(OUT))
+	$(BIN)/bolaco report --study $(STUDY) $(if $(COMPARE),--compare $(COMPARE)) $(if $(OUT),--out $(OUT))
 
 clean-cache:
 	rm -rf storage/cache

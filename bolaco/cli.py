@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,9 @@ from .evaluate import DEFAULT_CORPORA
 def _study(args):
     from .study import load_study
     study = load_study(args.study)
+    # the storage URL may hold a password: $BOLACO_STORAGE keeps it off command lines (`ps` shows those to all)
     return study.with_overrides(model=args.model, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                                storage=args.storage)
+                                storage=args.storage or os.environ.get("BOLACO_STORAGE") or None)
 
 
 def cmd_collect(args) -> None:
@@ -251,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="override the study's model (HF id, directory, .gguf file or 'default')")
         s.add_argument("--data-dir", help="folder with the corpora that are not shipped (default ../shared/data)")
         s.add_argument("--cache-dir", help="override the cache folder (default storage/cache)")
-        s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...)")
+        s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...); "
+                                             "or set $BOLACO_STORAGE, which keeps a password off the command line")
         s.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
         s.set_defaults(func=func)
         return s

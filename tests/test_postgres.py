@@ -89,3 +89,12 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     assert len(workers) == 2                                          # both workers contributed results
     for t in complete:                                                # nothing lost: every result is whole
         assert t.value == t.user_attrs["search_nll"] and t.user_attrs["ranks"]
+
+    # the retried trial's value is the one its allocation gets in an uninterrupted evaluation, bit for bit
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bolaco.perplexity import perplexity
+    from test_search import tiny_workspace
+    ws, comp = tiny_workspace(tmp_path)       # the workers' cache folder: nothing is recomputed
+    comp.apply({k: int(v) for k, v in retried[0].user_attrs["ranks"].items()})
+    alone = perplexity(ws.model, ws.data["search"], ws.study.batch_size, progress=False)
+    assert alone.nll == retried[0].value
