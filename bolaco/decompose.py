@@ -27,7 +27,7 @@ from .arch import Adapter, parse_linear_id
 from .budget import Budget, RankMap
 from .collect import CovarianceCache, check_disk
 from .errors import BolacoError
-from .layers import LowRankLinear, wrap_linear
+from .layers import LowRankLinear
 from .store import BlockStore, key_hash
 
 METHODS = ("feature", "feature-uncentred", "weight")

@@ -28,6 +28,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 from . import __version__, layers
 from .arch import adapter_for
 from .budget import RankMap
+from .card import keep_heatmap, write_card
 from .errors import BolacoError
 from .layers import LowRankLinear
 
@@ -125,6 +126,9 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     (out / "bolaco.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    keep = {lid: sum(p.numel() for p in adapter.module(lid).parameters()) /
+            (li.d_in * li.d_out + (li.d_out if li.bias else 0)) for lid, li in adapter.linears.items()}
+    write_card(out, meta, keep, keep_heatmap(keep, adapter.types, adapter.n_blocks))
     return out
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from PIL import Image
 
 from bolaco.cli import main
@@ -47,6 +48,16 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
         assert set(meta["perplexity"]) == {"seq_len", "search", "test"}
     best = json.loads((tmp_path / "out" / "s" / "bolaco.json").read_text())
     assert best["allocation"].startswith("best trial") and best["removed_fraction"] >= 0.25
+    card = (tmp_path / "out" / "s" / "README.md").read_text()       # the model card names the right numbers
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "bolaco" in front["tags"]
+    assert f"{best['removed_fraction']:.1%} of the projections' parameters are removed" in card
+    assert f"{best['params']:,} parameters" in card and "trust_remote_code=True" in card
+    for role in ("search", "test"):
+        corpus = best["provenance"]["data"][role]["corpus"]
+        assert f"| {role}: {corpus} (16 tokens per sequence) | {best['perplexity'][role]:.2f} |" in card
+    assert "| q | " in card and "(allocation.png)" in card
+    assert_picture(tmp_path / "out" / "s" / "allocation.png", (400, 260))
 
     other = tmp_path / "s40.yaml"      # the same study at another budget, for the perplexity-vs-kept picture
     other.write_text(study.read_text().replace("name: s\n", "name: s40\n").replace("remove: 0.25", "remove: 0.4"))

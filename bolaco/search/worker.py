@@ -9,7 +9,6 @@ the current one as a pending point), so that a GPU worker never waits for the GP
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import threading
@@ -28,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .. import perplexity
 from ..budget import Budget, RankMap
+from ..card import keep_heatmap
 from ..errors import BolacoError
 from ..study import Study
 from .sampler import BudgetSampler, _ranks_key
@@ -108,21 +108,8 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
 
 def allocation_heatmap(budget: Budget, ranks: RankMap, types: tuple[str, ...], n_blocks: int, title: str) -> bytes:
     """PNG of the share of parameters kept per (layer, type)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    grid = [[budget.keep(f"{b}.{t}", ranks) for b in range(n_blocks)] for t in types]
-    fig, ax = plt.subplots(figsize=(max(4, n_blocks * 0.22 + 1.5), 2.6), dpi=100)
-    im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax.set_yticks(range(len(types)), types)
-    ax.set_xlabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="kept")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return keep_heatmap({f"{b}.{t}": budget.keep(f"{b}.{t}", ranks) for b in range(n_blocks) for t in types},
+                        types, n_blocks, title)
 
 
 class Objective:
