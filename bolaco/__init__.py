@@ -1,10 +1,17 @@
 """bolaco: feature-space low-rank compression of causal LMs with a Bayesian-optimised rank allocation."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__", "load"]
 
 
-def load(path, device=None):
-    """Load an exported bolaco model: returns (model, tokenizer); the model is a transformers
-    PreTrainedModel whose compressed projections are LowRankLinear layers."""
-    from .export import load_compressed
-    return load_compressed(path, device=device)
+def load(path=None, device=None, dtype=None):
+    """Load a model as bolaco sees it: returns (model, tokenizer). An exported bolaco folder (it holds
+    bolaco.json) loads as the compressed model, whose projections are LowRankLinear layers; anything else (a
+    Hugging Face id, a model directory, a .gguf file, None or 'default') loads as a dense model."""
+    from pathlib import Path
+    if path is not None and (Path(str(path)).expanduser() / "bolaco.json").is_file():
+        from .export import load_compressed
+        return load_compressed(path, device=device, dtype=dtype)
+    from .model import load as load_dense
+    return load_dense(path, device=device, **({"dtype": dtype} if dtype is not None else {}))

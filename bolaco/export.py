@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
-from . import __version__, layers
+from . import layers
+from ._version import __version__
 from .arch import adapter_for
 from .budget import RankMap
 from .card import keep_heatmap, write_card
@@ -230,5 +231,7 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     model.eval()
     if device:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    # the base configuration: AutoTokenizer would otherwise ask to run the folder's modeling code
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config) if (path / "tokenizer_config.json").is_file() \
+        else None
     return model, tokenizer

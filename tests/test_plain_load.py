@@ -17,7 +17,7 @@ from conftest import FAMILIES, tiny_model, uniform_compressor
 
 PLAIN = r"""
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 ids = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
 for folder in sys.argv[1:]:
     try:
@@ -26,6 +26,9 @@ for folder in sys.argv[1:]:
     except ValueError as exc:
         assert "trust_remote_code" in str(exc), exc
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    if folder.endswith("llama"):      # exported with a tokenizer
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert tok("the quick fox").input_ids, folder
     with torch.no_grad():
         torch.save(model(input_ids=ids).logits, f"{folder}/plain_logits.pt")
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -35,17 +38,17 @@ print("PLAIN OK")
 """
 
 
-def _export(family, root, remove=0.3):
-    model = tiny_model(family)
+def _export(family, root, remove=0.3, tokenizer=None):
+    model = tiny_model(family, vocab_size=len(tokenizer) if tokenizer else 300)
     calibration = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
     _, comp = uniform_compressor(model, calibration, root / "cache")
     ranks = comp.budget.uniform(remove)
     comp.apply(ranks)
-    return export(model, None, ranks, root / f"export-{family}", {"method": "feature"}), ranks
+    return export(model, tokenizer, ranks, root / f"export-{family}", {"method": "feature"}), ranks
 
 
-def test_every_family_loads_with_plain_transformers_to_the_same_logits(tmp_path):
-    folders = [_export(f, tmp_path)[0] for f in FAMILIES]
+def test_every_family_loads_with_plain_transformers_to_the_same_logits(tmp_path, tokenizer):
+    folders = [_export(f, tmp_path, tokenizer=tokenizer if f == "llama" else None)[0] for f in FAMILIES]
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     run = subprocess.run([sys.executable, "-c", PLAIN, *map(str, folders)], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=600)
@@ -53,7 +56,8 @@ def test_every_family_loads_with_plain_transformers_to_the_same_logits(tmp_path)
     assert "LOADED WITHOUT" not in run.stdout
     ids = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
     for folder in folders:
-        model, _ = bolaco.load(folder)
+        model, tok = bolaco.load(folder)
+        assert (tok is not None) == folder.name.endswith("llama")
         with torch.no_grad():
             logits, plain = model(input_ids=ids).logits, torch.load(folder / "plain_logits.pt")
         if getattr(model.config, "_experts_implementation", None):   # MoE: from_pretrained picks the eager
