@@ -20,7 +20,7 @@ ifneq ($(STORAGE),)
 export BOLACO_STORAGE := $(STORAGE)
 endif
 
-.PHONY: setup test collect compress study worker dashboard export finetune surgical eval report clean-cache
+.PHONY: setup test lint collect compress study worker dashboard export finetune surgical eval report clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ setup:
 
 test:
 	$(BIN)/python -m pytest tests
+
+lint:
+	$(BIN)/ruff check bolaco tests bench
 
 collect:
 	$(BIN)/bolaco collect --study $(STUDY)

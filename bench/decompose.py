@@ -90,7 +90,8 @@ def main():
                       ["feature 20 % (exported, reloaded)", count_params(small), s_pre, s_gen],
                       ["ratio", count_params(ws.model) / count_params(small), s_pre / d_pre, s_gen / d_gen]]
     print_table(f"WikiText-2 raw test perplexity, uniform allocation, seq_len {study.seq_len}, test {args.test}x"
-                f"{study.seq_len} tokens, calibration {args.calibration}x{study.seq_len} from valid, P={args.partitions}",
+                f"{study.seq_len} tokens, calibration {args.calibration}x{study.seq_len} from valid, "
+                f"P={args.partitions}",
                 ["method", "budget", "removed (decomposable)", "test ppl"], rows)
     print_table("Seconds", ["step", "seconds"], timing)
     print_table("Speed on this CPU (prefill 8x256 tokens, generation 64 tokens greedy from a 32-token prompt)",

@@ -5,7 +5,8 @@ run, on text and tasks that calibration, search and post-training never saw.
                                       [--trials 60] [--config botorch:groups] [--ft-steps 300] [--limit 200]
 
 Rows: uniform; the BO best of each search variant (objective x calibration/search data), open-loop and after the
-closed-loop refit (perplexity columns: median [min-max] over seeds; the refit on the median seed's map); post-training in the low-rank subspace of
+closed-loop refit (perplexity columns: median [min-max] over seeds; the refit on the median seed's map);
+post-training in the low-rank subspace of
 the best row, next to the dense model fine-tuned with the same data, tokens and settings. Columns: WikiText-2
 test, PTB test and C4 perplexity (first 64 x 256 tokens of each), and the accuracy of the zero-shot tasks where
 the dense model is clearly above chance (first --limit rows). Task columns are measured on the seed whose BO
@@ -75,7 +76,8 @@ def workspace(base, data: str, storage: str) -> Workspace:
 
 def bo_best(ws, comp, base, variant: str, config: str, seed: int, trials: int, storage: str):
     data, objective = VARIANTS[variant]
-    label = study_label(config, seed) if variant == "wiki-ppl" else f"quality-{variant}-{config.replace(':', '-')}-s{seed}"
+    label = study_label(config, seed) if variant == "wiki-ppl" \
+        else f"quality-{variant}-{config.replace(':', '-')}-s{seed}"
     cfg = dataclasses.replace(config_search(base.search, config, seed), objective=objective)
     ws.study = dataclasses.replace(ws.study, name=label, search=cfg, storage=storage)
     opt = search.run(ws, comp, create=True, trials=trials, artifacts=None)
@@ -157,7 +159,7 @@ def main():
                 name = f"BO {variant}" + (" + refit" if refit else "")
                 rows[name] = []
                 # the refit (minutes per map on a CPU) runs on the median seed's map only
-                for search_ppl, seed, ranks in ([median] if refit else found):
+                for _search_ppl, seed, ranks in ([median] if refit else found):
                     comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
                     tag = f"{variant}-s{seed}{'-refit' if refit else ''}"
                     rows[name].append(ev(tag, ws.model, tasks=(seed == median[1])))

@@ -46,7 +46,7 @@ def build(shape: str, blocks: int, dtype: torch.dtype, vocab: int | None) -> Lla
     model = model.to_empty(device="cpu").to(dtype)
     model.model.rotary_emb = LlamaRotaryEmbedding(config)   # to_empty leaves buffers (inv_freq) uninitialised
     with torch.no_grad():
-        for name, p in model.named_parameters():   # small random weights: finite activations through the blocks
+        for p in model.parameters():   # small random weights: finite activations through the blocks
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
@@ -134,7 +134,7 @@ def main():
         applies = [timed(lambda: comp.apply(ranks), device)[1] for _ in range(3)]
         ev = perplexity(model, search_ids, args.batch_size, progress=False) if not args.stream else None
         comp.restore()
-        layers, refit_s = timed(lambda: refit(comp, ranks, calib, centred=True, batch_size=args.batch_size,
+        _, refit_s = timed(lambda: refit(comp, ranks, calib, centred=True, batch_size=args.batch_size,
                                               progress=False, device=device), device)
         peak = peak_gib(device)
         cache_gb, full_cache = folder_gb(root), cache_bytes(adapter, 1) / args.blocks * depth / 1e9
@@ -152,7 +152,7 @@ def main():
                        f"{ev.seconds * depth / args.blocks:.1f}" if ev else "-"])
         if shape in (args.shapes if args.routes is None else args.routes):
             routes.append([shape, *(f"{s:.2f}" for s in basis_routes(shape, device))])
-        del model, comp, bases, layers
+        model = comp = bases = None   # free this shape before the next
         if args.cache is None:
             shutil.rmtree(root, ignore_errors=True)
         print(f"{shape}: done ({tokens:,} calibration tokens)", flush=True)

@@ -95,7 +95,8 @@ def main():
     rows = [["dense", "-", "-", f"{dense_search:.1f}", f"{dense_test:.1f}", "1.00", "-", "-", "-"],
             ["uniform", "-", "-", f"{ppl_at(ws, comp, uniform, 'search', base.batch_size):.1f}",
              f"{test_ppl(uniform):.1f}", f"{test_ppl(uniform) / dense_test:.2f}", "-", "-", "-"],
-            ["hand-made (q,k,o at half the MLP ratio, v dense)", "-", "-", f"{hand_search:.1f}", f"{test_ppl(hand):.1f}",
+            ["hand-made (q,k,o at half the MLP ratio, v dense)", "-", "-", f"{hand_search:.1f}",
+             f"{test_ppl(hand):.1f}",
              f"{test_ppl(hand) / dense_test:.2f}", "-", "-", "-"]]
     if not args.report_only:
         for seed in args.seeds:

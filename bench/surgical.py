@@ -84,7 +84,8 @@ def main():
              f"{bo_best.user_attrs['compression']:.2%}",
              *(ppl_at(ws, comp, bo_ranks, r, study.batch_size) for r in ("search", "test"))]]
     print_table(f"Surgical search vs BO on SmolLM2, budget {study.remove:.0%}; surgical evaluates halves of the last "
-                f"{args.search}x256 tokens of valid (search/verify), BO the last 32x256; test {tuple(ws.data['test'].shape)}; "
+                f"{args.search}x256 tokens of valid (search/verify), BO the last 32x256; "
+                f"test {tuple(ws.data['test'].shape)}; "
                 f"this run took {(time.perf_counter() - t) / 60:.1f} min",
                 ["strategy", "evaluations", "Mtokens evaluated", "eval minutes", "budget reached", "removed",
                  "search ppl", "test ppl"], rows)

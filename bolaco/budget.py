@@ -32,7 +32,8 @@ class Budget:
         return k * (li.d_in + li.d_out) + (li.d_out if li.bias or self.adds_bias else 0)
 
     def max_rank(self, lid: str, multiple: int | None = None) -> int:
-        """Largest rank (a multiple of `multiple`) at which the low-rank layer is smaller than the dense one; 0 if none."""
+        """Largest rank (a multiple of `multiple`) at which the low-rank layer is smaller than the dense one;
+        0 if none."""
         m = multiple or self.multiple
         li = self.linears[lid]
         # k (d_in + d_out) + lowrank_bias < d_in d_out + dense_bias  <=>  k < limit

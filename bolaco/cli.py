@@ -36,7 +36,8 @@ def cmd_collect(args) -> None:
 def cmd_compress(args) -> None:
     from .workspace import Workspace
     if not args.uniform:
-        raise BolacoError("compress needs an allocation: --uniform (the searched allocations come from `bolaco search`)")
+        raise BolacoError("compress needs an allocation: --uniform "
+                          "(the searched allocations come from `bolaco search`)")
     study = _study(args).with_overrides(method=args.method, remove=args.remove)
     ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
@@ -100,7 +101,8 @@ def cmd_surgical(args) -> None:
     print(f"surgical: {summary['evaluations']} evaluations, {summary['seconds']:.0f} s, removed "
           f"{summary['removed']:.2%} of the decomposable parameters"
           + ("" if summary["reached_budget"] else f" (the metric forbids more; budget was {study.remove:.0%})"))
-    ws.export(comp, ranks, args.out or f"out/{study.name}-surgical", {"allocation": "surgical (SFSD)", "surgical": summary})
+    ws.export(comp, ranks, args.out or f"out/{study.name}-surgical",
+              {"allocation": "surgical (SFSD)", "surgical": summary})
 
 
 def cmd_dashboard(args) -> None:
@@ -142,7 +144,8 @@ def cmd_finetune(args) -> None:
                                                  if v is not None})
     source = Path(args.source or f"out/{study.name}")
     if not (source / "bolaco.json").is_file():
-        raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) or pass --from DIR")
+        raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) "
+                          "or pass --from DIR")
     model, tokenizer = load_compressed(source, device=args.device)
     meta = json.loads((source / "bolaco.json").read_text())
     roles = {"train": study.data.get("train", study.data.get("calibration")),
@@ -174,7 +177,8 @@ def cmd_finetune(args) -> None:
     model = tuner.merge()
     after = ppl()
     print("after:  " + ", ".join(f"{r} ppl {v:.2f}" for r, v in after.items()) +
-          f" ({cfg.steps} steps, {cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len:,} tokens, {seconds:.0f} s)")
+          f" ({cfg.steps} steps, {cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len:,} tokens, "
+          f"{seconds:.0f} s)")
     info = {k: v for k, v in meta.items() if k not in ("format", "bolaco_version", "ranks", "lowrank_bias",
                                                         "dense_bias", "params")}
     info["finetune"] = {**dataclasses.asdict(cfg), "source": str(source), "train_data": describe(roles["train"]),
@@ -189,6 +193,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    import bolaco
     from . import evaluate
     from . import model as model_io
     from .data import default_data_dir
@@ -208,7 +213,7 @@ def cmd_eval(args) -> None:
             print(f"no data directory (--data-dir, $BOLACO_DATA_DIR or ../shared/data): skipping {', '.join(skipped)}")
     path = Path(args.results) if args.results else evaluate.results_path(args.model)
     print(f"bolaco eval {args.model}: {plan.describe()}{'' if args.full else ' (--full for everything)'}")
-    model, tokenizer = model_io.load(args.model, device=args.device)
+    model, tokenizer = bolaco.load(args.model, device=args.device)
     results = evaluate.ResultsFile(path, model_io.fingerprint(model), args.model)
     cached = [k for k in plan.items() if k in results.results and not args.force]
     if cached:
@@ -280,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
         w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
 
-    g = study_command("surgical", "SFSD greedy rank search (search perplexity or a zero-shot task's accuracy), then export", cmd_surgical)
+    g = study_command("surgical", "SFSD greedy rank search (search perplexity or a zero-shot task's accuracy), "
+                               "then export", cmd_surgical)
     g.add_argument("--out", help="output folder (default out/<study>-surgical)")
 
     f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",

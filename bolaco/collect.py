@@ -64,7 +64,8 @@ def gram(z: torch.Tensor) -> torch.Tensor:
 
 def cache_bytes(adapter: Adapter, partitions: int) -> int:
     """Bytes the covariance cache of `adapter`'s model takes on disk (before the small JSON files)."""
-    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in (adapter.record_dim(r) for r in adapter.record_names))
+    dims = (adapter.record_dim(r) for r in adapter.record_names)
+    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in dims)
     return per_block * adapter.n_blocks
 
 
@@ -221,7 +222,8 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
             tensors = {}
             for r, a in acc.items():
                 m = a.moments()
-                tensors.update({f"{r}.cov": pack_symmetric(m.cov).cpu(), f"{r}.partition_means": m.partition_means.cpu(),
+                tensors.update({f"{r}.cov": pack_symmetric(m.cov).cpu(),
+                                f"{r}.partition_means": m.partition_means.cpu(),
                                 f"{r}.count": torch.tensor([m.count])})
             store.write(b, tensors)
             done += 1

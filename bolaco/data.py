@@ -62,7 +62,8 @@ def corpus_path(name: str, data_dir: str | Path | None = None) -> Path:
         raise BolacoError(f"corpus '{name}' is read from a data directory: pass --data-dir or set BOLACO_DATA_DIR")
     path = root / corpus.file
     if not path.is_file():
-        raise BolacoError(f"corpus '{name}' not found: expected {path} (set --data-dir to the folder holding {corpus.file})")
+        raise BolacoError(f"corpus '{name}' not found: expected {path} "
+                          f"(set --data-dir to the folder holding {corpus.file})")
     return path
 
 
@@ -70,7 +71,8 @@ def read_text(name: str, data_dir: str | Path | None = None) -> str:
     """The corpus as one string, joined the way the standard perplexity protocols do."""
     path = corpus_path(name, data_dir)
     layout = CORPORA[name].layout
-    raw = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+    raw = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" \
+        else path.read_text(encoding="utf-8")
     if layout == "hf-rows":
         # Hugging Face's wikitext rows are the file's lines, blank ones as "", then "\n\n".join (GPTQ protocol).
         text = "\n\n".join(line if line.strip() else "" for line in raw.splitlines(keepends=True))

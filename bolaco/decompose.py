@@ -29,8 +29,8 @@ from .collect import CovarianceCache, check_disk
 from .errors import BolacoError
 from .layers import LowRankLinear
 from .store import BlockStore, key_hash
+from .study import METHODS
 
-METHODS = ("feature", "feature-uncentred", "weight")
 BASES_FORMAT = 2
 
 
@@ -154,7 +154,8 @@ def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: b
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if device.type == "cpu":
                 raise
-            warnings.warn(f"bases of block {b} on {device} failed ({str(exc).splitlines()[0][:120]}); using the CPU")
+            warnings.warn(f"bases of block {b} on {device} failed ({str(exc).splitlines()[0][:120]}); using the CPU",
+                          stacklevel=2)
             tensors = _block_bases(adapter, cov, method, b, budget, torch.device("cpu"), dtype)
         store.write(b, tensors)
     return Bases(store, method)

@@ -152,7 +152,8 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
             for m in ("acc", "acc_norm"):
                 if m in v:
                     se = v.get(f"{m}_stderr")
-                    rows.append((f"{name} {m} ({rest[0]} rows)", f"{100 * v[m]:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")))
+                    spread = f" ± {100 * se:.1f}" if se is not None else ""
+                    rows.append((f"{name} {m} ({rest[0]} rows)", f"{100 * v[m]:.1f}" + spread))
             accs.append(v["acc"])
         elif kind == "task":       # lm-eval's wikitext: document-level word perplexity
             rows.append((f"{name} word ppl ({rest[0]} documents)", f"{v['word_perplexity']:.2f}"))

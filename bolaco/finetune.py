@@ -50,7 +50,8 @@ class DiagonalScaling(nn.Module):
         inner = self.inner
         with torch.no_grad():
             bias = None if inner.up.bias is None else inner.up.bias * self.out
-            return LowRankLinear.from_factors(inner.down.weight * self.mid[:, None], inner.up.weight * self.out[:, None],
+            return LowRankLinear.from_factors(inner.down.weight * self.mid[:, None],
+                                              inner.up.weight * self.out[:, None],
                                               bias, inner.dense_bias)
 
 

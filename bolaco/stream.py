@@ -4,7 +4,8 @@ The hidden states entering block 0 and the keyword arguments the model passes to
 masks, rotary embeddings: they differ between sliding-window and global layers, e.g. Gemma-2/3 and Qwen2
 with sliding windows) are captured once, with the blocks bypassed; then each block maps the stored hidden
 states to the next block's. With streaming, the model stays in CPU memory and each block visits the
-execution device only for its own pass, so a model larger than the GPU can be calibrated. A model dispatched by accelerate
+execution device only for its own pass, so a model larger than the GPU can be calibrated.
+A model dispatched by accelerate
 (`device_map`) keeps its placement: its hooks move the inputs.
 """
 

@@ -16,8 +16,9 @@ from .errors import BolacoError
 METHODS = ("feature", "feature-uncentred", "weight")
 SAMPLERS = ("botorch", "gp", "tpe", "random")
 SPACES = ("groups", "types", "knots")
+# search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
 OBJECTIVES = ("ppl", "kl", "ppl+kl")
-DTYPES = ("float32", "bfloat16", "float16")     # search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
+DTYPES = ("float32", "bfloat16", "float16")
 PRUNERS = ("none", "median")
 FINETUNE_VARIANTS = ("lora", "scaling")
 
@@ -87,7 +88,7 @@ class Study:
     method: str = "feature"
     rank_multiple: int = 8
     refit: bool = False              # closed-loop refit of the exported allocation (bolaco.refit)
-    refit_ridge: float = 0.1         # shrinkage of the refit towards the dense layer, relative to the mean input variance
+    refit_ridge: float = 0.1         # shrinkage of the refit towards the dense layer (relative to mean input variance)
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"
@@ -172,7 +173,8 @@ def load_study(path: str | Path) -> Study:
                       refit=bool(decompose.get("refit", Study.refit)),
                       refit_ridge=float(decompose.get("refit_ridge", Study.refit_ridge)),
                       shard_size=str(export.get("shard_size", Study.shard_size)),
-                      storage=str(raw.get("storage", Study.storage)), cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
+                      storage=str(raw.get("storage", Study.storage)),
+                      cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
                       search=search_cfg, finetune=FinetuneConfig(**finetune),
                       surgical=SurgicalConfig(**{**surgical, **{k: tuple(surgical[k]) for k in ("types", "fractions")
                                                                 if k in surgical}}),

@@ -149,7 +149,8 @@ def test_bad_search_input_is_refused(tmp_path):
     with pytest.raises(BolacoError, match="cannot meet remove"):
         space_of(ws, comp)
     ws, comp = tiny_workspace(tmp_path, tie=(("q", "qq"),))
-    with pytest.raises(BolacoError, match=r"unknown type\(s\) qq for a llama model \(its types are q, k, v, o, gate, up, down\)"):
+    with pytest.raises(BolacoError,
+                       match=r"unknown type\(s\) qq for a llama model \(its types are q, k, v, o, gate, up, down\)"):
         space_of(ws, comp)
     with pytest.raises(BolacoError, match="cannot open the study storage"):
         search.open_storage("postgresql+psycopg://nobody@127.0.0.1:9/none")

@@ -101,7 +101,8 @@ def test_local_loaders_errors_and_splits(piqa_dir):
     doc = load_tasks(["piqa"], piqa_dir)["tasks"]["piqa"].eval_docs[1]
     assert (doc["goal"], doc["label"]) == ("dresser", 1)
     search, test = split(20, 6, seed=3)
-    assert len(search) == 6 and len(test) == 14 and set(search).isdisjoint(test) and set(search) | set(test) == set(range(20))
+    assert len(search) == 6 and len(test) == 14
+    assert set(search).isdisjoint(test) and set(search) | set(test) == set(range(20))
     assert split(20, 6, seed=3) == (search, test) and split(20, 6, seed=4) != (search, test)
 
 

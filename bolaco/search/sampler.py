@@ -149,7 +149,7 @@ class BudgetSampler(BaseSampler):
                 info["proposal"] = "model"
             except Exception as exc:   # BoTorch/SciPy raise many types; one failed step must not stop a worker
                 warnings.warn(f"the {self.kind} sampler failed on trial {trial.number} ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); drawing this trial from the budget polytope instead")
+                              f"{str(exc)[:200]}); drawing this trial from the budget polytope instead", stacklevel=2)
                 info.update(proposal="fallback-acqf", error=f"{type(exc).__name__}: {str(exc)[:200]}")
         if x is None:
             x = self._startup_point(stored, seed, coarse)

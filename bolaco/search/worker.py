@@ -87,7 +87,8 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
         else optuna.pruners.NopPruner()
     exists = name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if not create and not exists:
-        raise BolacoError(f"no study '{name}' in {masked_url(study.storage)}: start it with `make study` (bolaco search) first")
+        raise BolacoError(f"no study '{name}' in {masked_url(study.storage)}: "
+                          "start it with `make study` (bolaco search) first")
     opt = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
                               pruner=pruner, load_if_exists=True)
     attrs = _study_attrs(study, space)
@@ -101,7 +102,8 @@ def open_optuna_study(study: Study, space: SearchSpace, create: bool,
         found = {k: opt.user_attrs.get(k) for k in attrs}
         if found != attrs:
             diff = [k for k in attrs if found[k] != attrs[k]]
-            raise BolacoError(f"study '{name}' in {masked_url(study.storage)} was created with another {', '.join(diff)} "
+            raise BolacoError(f"study '{name}' in {masked_url(study.storage)} was created with another "
+                              f"{', '.join(diff)} "
                               "(or by an older bolaco): use a new study name or the study file it was created with")
     return opt, storage
 
@@ -165,7 +167,8 @@ class Objective:
 
     def _upload_heatmap(self, trial, budget, ranks, ppl):
         from optuna.artifacts import upload_artifact
-        png = allocation_heatmap(budget, ranks, self.ws.adapter.types, self.ws.adapter.n_blocks, f"trial {trial.number}: search ppl {ppl:.2f}")
+        png = allocation_heatmap(budget, ranks, self.ws.adapter.types, self.ws.adapter.n_blocks,
+                                 f"trial {trial.number}: search ppl {ppl:.2f}")
         path = Path(self.artifact_dir) / f".heatmap-{os.getpid()}-{trial.number}.png"
         path.write_bytes(png)
         upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
@@ -225,7 +228,8 @@ class Worker:
             point = {n: trial.suggest_float(n, self.space.r_min, 1.0) for n in self.space.names}
             ranks = self.space.ranks(point)
             info = self.sampler.proposals.pop(trial.number, None)
-            if info is None:   # fixed parameters: the enqueued uniform trial, or a retry (it carries the failed trial's attrs)
+            # fixed parameters: the enqueued uniform trial, or a retry (it carries the failed trial's attrs)
+            if info is None:
                 retry = "ranks" in trial.user_attrs
                 info = {"proposal": "retry" if retry else trial.user_attrs.get("proposal", "enqueued"),
                         "seconds_sampling": round(time.perf_counter() - t, 3)}
@@ -245,7 +249,8 @@ class Worker:
         key = _ranks_key(ranks)
         for other in self.opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                   TrialState.RUNNING)):
-            if other.number < trial.number and "ranks" in other.user_attrs and _ranks_key(other.user_attrs["ranks"]) == key:
+            if other.number < trial.number and "ranks" in other.user_attrs \
+                    and _ranks_key(other.user_attrs["ranks"]) == key:
                 return other.number
         return None
 
@@ -334,5 +339,6 @@ def best_ranks(study: Study) -> tuple[RankMap, optuna.trial.FrozenTrial]:
         opt = optuna.load_study(study_name=name, storage=storage)
         best = opt.best_trial
     except (KeyError, ValueError):
-        raise BolacoError(f"study '{name}' in {masked_url(study.storage)} has no finished trial yet: run `make study` first")
+        raise BolacoError(f"study '{name}' in {masked_url(study.storage)} has no finished trial yet: "
+                          "run `make study` first")
     return {k: int(v) for k, v in best.user_attrs["ranks"].items()}, best
