@@ -2,7 +2,14 @@
 inside the model folder (modeling_bolaco.py), so that plain transformers loads the model without bolaco."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _plain(m: nn.Module) -> bool:
+    """An nn.Linear whose call would do nothing but F.linear: no hooks, no replaced forward."""
+    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+            and "forward" not in m.__dict__)
 
 
 def wrap_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -49,7 +56,10 @@ class LowRankLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        down, up = self.down, self.up
+        if _plain(down) and _plain(up):   # two calls of F.linear: decoding at batch 1 is bound by per-call cost
+            return F.linear(F.linear(x, down.weight), up.weight, up.bias)
+        return up(down(x))                # peft's LoRA layers, hooks, accelerate's offload wrappers
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -102,7 +102,7 @@ def test_parameter_counts_and_bias_match_the_modified_model(compressed):
     # the bias of one factorised layer equals the formula evaluated on materialised activations
     lid = next(iter(ranks))
     layer = adapter.module(lid)
-    dense = comp._dense[lid]
+    dense = comp.dense(lid)
     seen = []
     h = dense.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
     comp.restore()
@@ -160,3 +160,16 @@ def test_bases_cache_is_reused_and_verified(compressed, tmp_path, monkeypatch):
     build_bases(adapter, collect(model, calibration, tmp_path, partitions=2, progress=False), "feature",
                 progress=False)
     assert path.read_bytes() == original
+
+
+def test_the_direct_forward_equals_the_module_calls_and_yields_to_hooks():
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 10, 4, bias=True)
+    x = torch.randn(3, 5, 12)
+    direct = layer(x)
+    seen = []
+    handle = layer.down.register_forward_hook(lambda _m, _a, out: seen.append(out))   # forces the module calls
+    assert torch.equal(layer(x), direct) and len(seen) == 1
+    handle.remove()
+    layer.down.forward = lambda _x: torch.zeros(3, 5, 4)     # a replaced forward (accelerate's offload) is called
+    assert torch.equal(layer(x), layer.up.bias.expand(3, 5, 10))
