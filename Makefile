@@ -36,6 +36,7 @@ test:
 
 lint:
 	$(BIN)/ruff check bolaco tests bench
+	$(BIN)/mypy
 
 collect:
 	$(BIN)/bolaco collect --study $(STUDY)

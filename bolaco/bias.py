@@ -86,11 +86,11 @@ def candidate_scores(model, tokenizer, examples: list[StereoExample], batch_size
                 prefix, target = items[i]
                 pos = torch.arange(len(prefix) - 1, len(prefix) + len(target) - 1, device=device)
                 scores[i] = float(logp[row, pos, torch.tensor(target, device=device)].double().mean())
-    return [tuple(scores[3 * e:3 * e + 3]) for e in range(len(examples))]
+    return [(scores[3 * e], scores[3 * e + 1], scores[3 * e + 2]) for e in range(len(examples))]
 
 
 def _group_scores(examples: list[StereoExample], scores: list[tuple[float, float, float]]) -> dict:
-    terms = defaultdict(lambda: {"pro": 0, "related": 0, "total": 0})
+    terms: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"pro": 0, "related": 0, "total": 0})
     for ex, (stereo, anti, unrelated) in zip(examples, scores):
         t = terms[ex.target]
         t["pro"] += stereo > anti

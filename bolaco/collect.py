@@ -127,6 +127,7 @@ class _Accumulator:
     def end_partition(self) -> None:
         m = self.s1 / self.n
         self.cov_sum += self.s2 / self.n - torch.outer(m, m)
+        assert self.shift is not None, "end_partition before any add"
         self.means.append(self.shift.double() + m)
         self.count += self.n
         self._reset()

@@ -18,6 +18,7 @@ map slices the first k rows of each and computes nothing but the bias (a d_out x
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import torch
 from torch import nn
@@ -116,9 +117,9 @@ def _block_bases(adapter: Adapter, cov: CovarianceCache, method: str, block: int
                 root = input_root(moment)
         for lid in lids:
             type_ = parse_linear_id(lid)[1]
-            w = adapter.module(lid).weight.detach().to(device, torch.float64)
+            w = cast(nn.Linear, adapter.module(lid)).weight.detach().to(device, torch.float64)
             q, spectrum = output_basis(w, moment, root)
-            w_mean = w @ moments.mean.to(w) if method == "feature" else None
+            w_mean = w @ moments.mean.to(w) if method == "feature" and moments is not None else None
             parts = factor_parts(w, q[:, :budget.max_rank(lid)], w_mean)
             for name, t in parts.items():   # factors in the model's dtype (float32 at least), the bias terms in float64
                 tensors[f"{type_}.{name}"] = (t.to(dtype) if name in ("down", "up_t") else t).cpu()
@@ -241,7 +242,7 @@ class Compressor:
 
     def dense(self, lid: str) -> nn.Linear:
         """The model's original layer `lid` (whether or not it is replaced now)."""
-        return self._dense.get(lid) or self.adapter.module(lid)
+        return self._dense.get(lid) or cast(nn.Linear, self.adapter.module(lid))
 
     def factors(self, lid: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         dense = self.dense(lid)
@@ -257,7 +258,7 @@ class Compressor:
     def install(self, lid: str, module: nn.Module) -> None:
         """Put `module` in the place of `lid`, keeping the original dense layer for `restore`."""
         old = self.adapter.replace(lid, module)
-        self._dense.setdefault(lid, old)
+        self._dense.setdefault(lid, cast(nn.Linear, old))
 
     def apply(self, ranks: RankMap, refitted: dict[str, nn.Module] | None = None) -> None:
         """Make the model carry exactly `ranks` (previous low-rank layers are restored first): the factors of the

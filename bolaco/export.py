@@ -96,8 +96,8 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`, in safetensors
     shards of at most `shard_size`."""
     adapter = adapter_for(model)
-    lowrank = {lid for lid in adapter.linears if isinstance(adapter.module(lid), LowRankLinear)}
-    if lowrank != set(ranks):
+    lowrank = {lid: m for lid in adapter.linears if isinstance(m := adapter.module(lid), LowRankLinear)}
+    if set(lowrank) != set(ranks):
         raise BolacoError("the model's low-rank layers do not match the rank map to export")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
                   auto_map={"AutoConfig": "modeling_bolaco.BolacoConfig",
                             "AutoModelForCausalLM": "modeling_bolaco.BolacoForCausalLM"},
                   bolaco={"base_model_type": model.config.model_type,
-                          "layers": {adapter.linears[lid].path: [k, adapter.module(lid).up.bias is not None]
+                          "layers": {adapter.linears[lid].path: [k, lowrank[lid].up.bias is not None]
                                      for lid, k in sorted(ranks.items())}})
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     (out / MODELING).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
@@ -119,7 +119,7 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     for old in [*out.glob("model*.safetensors"), out / INDEX]:   # a previous export with other sharding
         old.unlink(missing_ok=True)
     save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
-    biased = sorted(lid for lid in ranks if adapter.module(lid).up.bias is not None)
+    biased = sorted(lid for lid in ranks if lowrank[lid].up.bias is not None)
     dense_biased = sorted(lid for lid, li in adapter.linears.items() if li.bias)
     meta = {"format": FORMAT, "bolaco_version": __version__, "ranks": ranks, "lowrank_bias": biased,
             "dense_bias": dense_biased,

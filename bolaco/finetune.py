@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import cast
 from pathlib import Path
 
 import torch
@@ -148,7 +149,7 @@ class SubspaceTuner:
                                                         target_modules=targets, bias="none"))
         else:
             for lid in self.ids:
-                self.adapter.replace(lid, DiagonalScaling(self.adapter.module(lid)))
+                self.adapter.replace(lid, DiagonalScaling(cast(LowRankLinear, self.adapter.module(lid))))
             self.net = model
         self.trainable = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
 

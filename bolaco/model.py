@@ -78,7 +78,7 @@ def load(spec: str | None = None, dtype: str | torch.dtype = torch.float32, devi
         raise BolacoError(f"could not load model '{src.label}': {first}") from exc
     model.eval()
     if device:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers types `to` for dtypes only
     return model, tokenizer
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import cast
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,12 @@ class PairAccumulator:
         self.dim = dim
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)   # noqa: E731
         self.sx, self.st, self.sxt, self.stt, self.n = z(dim), z(dim), z(dim, dim), z(dim, dim), 0
-        self.shift_x = self.shift_t = None
+        self.shift_x: torch.Tensor | None = None
+        self.shift_t: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
         x, t = x.detach().reshape(-1, self.dim).float(), t.detach().reshape(-1, self.dim).float()
-        if self.shift_x is None:
+        if self.shift_x is None or self.shift_t is None:
             self.shift_x, self.shift_t = x.mean(0), t.mean(0)
         zx, zt = x - self.shift_x, t - self.shift_t
         self.sx += zx.sum(0, dtype=torch.float64)
@@ -81,6 +83,7 @@ class PairAccumulator:
     def stats(self) -> PairStats:
         mx, mt = self.sx / self.n, self.st / self.n
         cov_t = self.stt / self.n - torch.outer(mt, mt)
+        assert self.shift_x is not None and self.shift_t is not None, "stats before any add"
         return PairStats(self.shift_x.double() + mx, self.shift_t.double() + mt,
                          self.sxt / self.n - torch.outer(mx, mt), (cov_t + cov_t.T) / 2, self.n)
 
@@ -141,7 +144,8 @@ def _parts_of(module: nn.Module) -> dict[str, torch.Tensor]:
         parts = {"down": module.down.weight, "up": module.up.weight}
         bias = module.up.bias
     else:
-        parts, bias = {"weight": module.weight}, module.bias
+        linear = cast(nn.Linear, module)
+        parts, bias = {"weight": linear.weight}, linear.bias
     if bias is not None:
         parts["bias"] = bias
     return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
@@ -187,7 +191,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                 records = adapter.block_records(b)
                 with on_device(model, block, device):
                     # the dense block: its output and the inputs of its four records
-                    dense_in = {r: [] for r in adapter.record_names}
+                    dense_in: dict[str, list[torch.Tensor]] = {r: [] for r in adapter.record_names}
                     hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
                         lambda _m, a, r=r: dense_in[r].append(a[0])) for r in adapter.record_names]
                     try:

@@ -10,6 +10,7 @@ when studies at several budgets exist, search perplexity vs share of parameters 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -29,7 +30,7 @@ def _plt():
     return plt
 
 
-def bo_studies(study: Study, compare: list[Study] = ()) -> dict[str, optuna.Study]:
+def bo_studies(study: Study, compare: Sequence[Study] = ()) -> dict[str, optuna.Study]:
     """label -> BO study: the `<name>-<sampler>` studies of this study file and of the --compare files, selected by
     exactly those names (a study named `smollm2` never takes in `smollm2-20-botorch`)."""
     from dataclasses import replace
@@ -118,7 +119,7 @@ def eval_columns(study: Study, out_root: Path = Path("out")) -> dict[str, dict]:
 
 
 def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, out_dir: str | Path,
-          compare: list[Study] = (), out_root: Path = Path("out")) -> Path:
+          compare: Sequence[Study] = (), out_root: Path = Path("out")) -> Path:
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
     from .search import allocation_heatmap, masked_url, open_storage
@@ -142,8 +143,8 @@ def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, o
                       f"| {props} |")
         md += ["", "![best search perplexity vs trial](search.png)", ""]
         own = {n: o for n, o in studies.items() if n.startswith(f"{study.name}-")}
-        name, opt = min(own.items(), key=lambda kv: kv[1].best_value) if own else (None, None)
-        if opt is not None:
+        if own:
+            name, opt = min(own.items(), key=lambda kv: kv[1].best_value)
             best = opt.best_trial
             ranks = {k: int(v) for k, v in best.user_attrs["ranks"].items()}
             (out / "allocation.png").write_bytes(allocation_heatmap(

@@ -55,7 +55,9 @@ def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], d
     class _Captured(Exception):
         pass
 
-    hidden, kwargs, memo = [], [[] for _ in adapter.blocks], {}
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in adapter.blocks]
+    memo: dict = {}
     last = len(adapter.blocks) - 1
 
     def recorder(b):

@@ -17,8 +17,9 @@ probes instead of evaluating them again: an interrupted search resumes where it 
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable
+from typing import Callable, cast
 
 import optuna
 from optuna.distributions import IntDistribution
@@ -84,7 +85,7 @@ class _ProbeLog:
             if (t.user_attrs["module"], t.user_attrs["rank"], t.user_attrs["chunk"]) != (lid, rank, chunk):
                 raise BolacoError("the recorded surgical probes do not match this search (other settings or model): "
                                   "delete that study or use another study name")
-            return t.value, t.user_attrs["accepted"]
+            return cast(float, t.value), bool(t.user_attrs["accepted"])
         start = time.perf_counter()
         value = evaluate()
         seconds = time.perf_counter() - start
@@ -112,7 +113,7 @@ def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, targe
     adapter, budget = comp.adapter, comp.budget
     log = _ProbeLog(study)
     comp.restore()
-    dense = {chunk: log.probe("dense", 0, chunk, lambda c=chunk: metric(c), lambda v: True, -1)[0]
+    dense = {chunk: log.probe("dense", 0, chunk, functools.partial(metric, chunk), lambda v: True, -1)[0]
              for chunk in ("search", "verify")}
     ranks: RankMap = {}
     evaluations = 2

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..errors import BolacoError
 from .base import Adapter, LinearInfo, linear_id, parse_linear_id
 from .llama import Gemma3Multimodal, LlamaLike
@@ -20,7 +18,7 @@ def supported() -> str:
     return "; ".join(f"{a.name} [{', '.join(a.model_types)}]" for a in ADAPTERS)
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+def adapter_for(model) -> Adapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in REGISTRY:
         raise BolacoError(f"unsupported architecture '{model_type}': bolaco supports {supported()} "

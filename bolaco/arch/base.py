@@ -8,8 +8,10 @@ linear is named by (block, type), e.g. "3.q"; rank maps, search variables and re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..errors import BolacoError
 
@@ -45,16 +47,16 @@ class Adapter:
     records: dict[str, tuple[str, ...]] = {}     # record -> the types that read its input, in order
     dense_note: str = ""                         # what stays dense in this family, and why
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.family = model.config.model_type
-        self.blocks = model.get_submodule(self.blocks_path)
+        self.family: str = model.config.model_type
+        self.blocks = cast(nn.ModuleList, model.get_submodule(self.blocks_path))
         self.linears: dict[str, LinearInfo] = {}
         for b in range(len(self.blocks)):
             for t, rel in self.paths.items():
                 path = f"{self.blocks_path}.{b}.{rel}"
                 try:
-                    mod = model.get_submodule(path)
+                    mod = cast(nn.Linear, model.get_submodule(path))   # or a LowRankLinear: the same fields
                 except AttributeError:
                     raise BolacoError(f"model_type '{self.family}': block {b} has no module {rel}; bolaco's "
                                       f"{self.name} adapter expects {', '.join(self.paths.values())}")

@@ -13,6 +13,7 @@ LLAMA_RECORDS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", 
 
 
 class LlamaLike(Adapter):
+    model_types: tuple[str, ...]
     name = "LLaMA-like (LLaMA, Mistral, Qwen2, Qwen3, Gemma-2, Gemma-3 text, OLMo-2, Granite)"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite")
     paths = LLAMA_PATHS

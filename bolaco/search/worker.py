@@ -17,6 +17,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import optuna
 import torch
@@ -131,9 +132,10 @@ class Objective:
                           if self.objective != "ppl" else None)
 
     def value(self, nll: float, kl: float | None) -> float:
-        if self.objective == "kl":
-            return kl
-        return nll + (self.kl_weight * kl if self.objective == "ppl+kl" else 0.0)
+        if self.objective == "ppl":
+            return nll
+        assert kl is not None, "a KL objective evaluates against the dense reference"
+        return kl if self.objective == "kl" else nll + self.kl_weight * kl
 
     def __call__(self, trial: optuna.Trial, ranks: RankMap) -> tuple[float, dict]:
         """(objective value, the user attrs it recorded)."""
@@ -180,7 +182,8 @@ class _Heartbeat:
     """Records a heartbeat every HEARTBEAT_SECONDS for the trials this worker holds (current and prefetched)."""
 
     def __init__(self, storage: RDBStorage):
-        self.storage, self.trials = storage, set()
+        self.storage = storage
+        self.trials: set[int] = set()
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -255,7 +258,7 @@ class Worker:
         return None
 
     def evaluate(self, trial: optuna.Trial, ranks: RankMap, info: dict) -> None:
-        state, value, a = TrialState.FAIL, None, {}
+        state, value, a = TrialState.FAIL, None, cast(dict, {})
         try:
             value, a = self.objective(trial, ranks)
             state = TrialState.COMPLETE
