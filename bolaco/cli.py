@@ -19,7 +19,7 @@ from .evaluate import DEFAULT_CORPORA
 
 def _study(args):
     from .study import load_study
-    study = load_study(args.study)
+    study = load_study(args.study, args.set or [])
     # the storage URL may hold a password: $BOLACO_STORAGE keeps it off command lines (`ps` shows those to all)
     return study.with_overrides(model=args.model, data_dir=args.data_dir, cache_dir=args.cache_dir,
                                 storage=args.storage or os.environ.get("BOLACO_STORAGE") or None)
@@ -38,7 +38,7 @@ def cmd_compress(args) -> None:
     if not args.uniform:
         raise BolacoError("compress needs an allocation: --uniform "
                           "(the searched allocations come from `bolaco search`)")
-    study = _study(args).with_overrides(method=args.method, remove=args.remove)
+    study = _study(args)
     ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
     ranks = comp.budget.uniform(study.remove)
@@ -68,8 +68,6 @@ def _search(args, create: bool) -> None:
     from . import search
     from .workspace import Workspace
     study = _study(args)
-    if args.sampler:
-        study = study.with_overrides(search=dataclasses.replace(study.search, sampler=args.sampler))
     search.open_storage(study.storage)   # fail fast on a bad URL, before loading the model
     ws = Workspace.open(study, device=args.device)
     opt = search.run(ws, ws.compressor(), create=create, trials=args.trials)
@@ -140,8 +138,7 @@ def cmd_finetune(args) -> None:
     from .finetune import SubspaceTuner
     from .perplexity import perplexity
     study = _study(args)
-    cfg = dataclasses.replace(study.finetune, **{k: v for k, v in (("variant", args.variant), ("steps", args.steps))
-                                                 if v is not None})
+    cfg = study.finetune
     source = Path(args.source or f"out/{study.name}")
     if not (source / "bolaco.json").is_file():
         raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) "
@@ -261,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...); "
                                              "or set $BOLACO_STORAGE, which keeps a password off the command line")
         s.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+        s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override any study-file setting, checked like the file, e.g. --set budget.remove=0.3 "
+                            "--set search.sampler=tpe --set finetune.steps=200 (repeatable)")
         s.set_defaults(func=func)
         return s
 
@@ -270,8 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     c = study_command("compress", "compress with a uniform allocation at the study's budget and export it",
                       cmd_compress)
     c.add_argument("--uniform", action="store_true", help="the same keep ratio for every linear")
-    c.add_argument("--method", help="override the study's method (feature, feature-uncentred, weight)")
-    c.add_argument("--remove", type=float, help="override the budget: fraction of decomposable parameters removed")
     c.add_argument("--out", help="output folder (default out/<study>-uniform)")
 
     x = study_command("export", "write the compressed model of the study's best trial (or of a rank map)",
@@ -283,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
                               ("worker", cmd_worker, "join an existing study (any machine) and run trials")):
         w = study_command(name, help_, func)
         w.add_argument("--trials", type=int, help="total finished trials to reach (default: the study file's)")
-        w.add_argument("--sampler", help="override the sampler (botorch, gp, tpe, random)")
 
     g = study_command("surgical", "SFSD greedy rank search (search perplexity or a zero-shot task's accuracy), "
                                "then export", cmd_surgical)
@@ -292,8 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     f = study_command("finetune", "post-train an exported model inside its low-rank subspace and merge it",
                       cmd_finetune)
     f.add_argument("--from", dest="source", help="exported model folder (default out/<study>, see make export)")
-    f.add_argument("--variant", help="lora or scaling (default: the study file's)")
-    f.add_argument("--steps", type=int, help="optimizer steps (default: the study file's)")
     f.add_argument("--out", help="output folder (default <from>-ft-<variant>)")
 
     d = study_command("dashboard", "optuna-dashboard on the study storage", cmd_dashboard)

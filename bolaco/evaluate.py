@@ -103,7 +103,7 @@ class ResultsFile:
 
 
 def run(model, tokenizer, plan: EvalPlan, results: ResultsFile, force: bool = False,
-        progress: bool = True, log=print) -> dict:
+        progress: bool = True, log=log.info) -> dict:
     """Evaluate every item of the plan not yet in `results` (all of them with force); returns the plan's results."""
     todo = [k for k in plan.items() if force or k not in results.results]
     if any(k.startswith("task/") for k in todo):

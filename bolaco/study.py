@@ -111,7 +111,35 @@ def _section(raw: dict, name: str, allowed: set[str], where: str) -> dict:
     return sec
 
 
-def load_study(path: str | Path) -> Study:
+def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
+    """`section.key=value` (or `key=value` at the top level) on the parsed YAML, before validation, so that an
+    override is checked like the file itself. Values are YAML: 0.3, true, [q, k], {corpus: c4-valid}."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise BolacoError(f"--set {item!r}: write section.key=value, e.g. --set budget.remove=0.3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise BolacoError(f"--set {item!r}: the value is not valid YAML")
+        *sections, name = key.strip().split(".")
+        node = raw
+        for sec in sections:
+            child = node.get(sec)
+            if child is None:
+                child = node[sec] = {}
+            elif not isinstance(child, dict):
+                raise BolacoError(f"--set {item!r}: '{sec}' in {where} is not a section")
+            else:
+                child = node[sec] = dict(child)
+            node = child
+        node[name] = value
+    return raw
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
+    """The study file at `path`, with `overrides` (`section.key=value`, see apply_overrides) applied."""
     path = Path(path)
     if not path.is_file():
         raise BolacoError(f"study file not found: {path}")
@@ -125,7 +153,8 @@ def load_study(path: str | Path) -> Study:
         raise BolacoError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(raw, dict):
         raise BolacoError(f"study file {path} must be a YAML mapping")
-    where = f"study file {path}"
+    where = f"study file {path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    raw = apply_overrides(raw, list(overrides), where)
     top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search",
            "finetune", "surgical", "export"}
     unknown = set(raw) - top

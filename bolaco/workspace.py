@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from .export import count_params, export
 from .perplexity import perplexity
 from .refit import refit
 from .study import Study
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,9 +46,9 @@ class Workspace:
         if study.seq_len > adapter.max_seq_len:
             raise BolacoError(f"seq_len {study.seq_len} is longer than the model allows ({adapter.max_seq_len})")
         data = role_sequences(study.data, tokenizer, study.seq_len, study.data_dir)
-        print(f"model {study.model}: {adapter.family}, {adapter.n_blocks} blocks, loaded in "
-              f"{time.perf_counter() - t:.0f} s; data " +
-              ", ".join(f"{r} {tuple(x.shape)}" for r, x in data.items()))
+        log.info(f"model {study.model}: {adapter.family}, {adapter.n_blocks} blocks, loaded in "
+                 f"{time.perf_counter() - t:.0f} s; data " +
+                 ", ".join(f"{r} {tuple(x.shape)}" for r, x in data.items()))
         return cls(study, model, tokenizer, adapter, data, torch.device(device) if device else None)
 
     def covariances(self, progress: bool = True) -> CovarianceCache:
@@ -91,7 +94,7 @@ class Workspace:
                                             "sequences": int(x.shape[0])} for r, x in self.data.items()}},
                 **extra}
         out = export(self.model, self.tokenizer, ranks, out_dir, info, self.study.shard_size)
-        print(f"wrote {out}: {count_params(self.model):,} parameters, removed "
-              f"{info['removed_fraction']:.2%} of the decomposable ones; "
-              + ", ".join(f"{r} ppl {v:.2f}" for r, v in ppl.items()))
+        log.info(f"wrote {out}: {count_params(self.model):,} parameters, removed "
+                 f"{info['removed_fraction']:.2%} of the decomposable ones; "
+                 + ", ".join(f"{r} ppl {v:.2f}" for r, v in ppl.items()))
         return str(out)

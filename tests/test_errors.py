@@ -66,3 +66,19 @@ def test_a_clamped_group_count_is_reported(tmp_path, caplog):
         space = space_of(ws, comp)
     assert "search.groups 1000 is more than the model's 4 blocks: using 4" in caplog.text
     assert len(space.names) == 4 * len(ws.adapter.types)
+
+
+def test_set_overrides_any_setting_and_is_checked_like_the_file(tmp_path, capsys):
+    from bolaco.study import load_study
+    path = _study(tmp_path, "name: e\nbudget: {remove: 0.2}\nsearch: {trials: 5}\n")
+    study = load_study(path, ["budget.remove=0.3", "search.sampler=tpe", "search.tie=[[q, k]]", "seq_len=64",
+                              "data.calibration={corpus: c4-valid, sequences: 8}"])
+    assert (study.remove, study.search.sampler, study.search.tie, study.seq_len) == (0.3, "tpe", (("q", "k"),), 64)
+    assert study.search.trials == 5 and study.data["calibration"].corpus == "c4-valid"
+    for bad, message in (("budget.typo=1", r"unknown key\(s\) \['typo'\] in 'budget'"),
+                         ("search.sampler=nope", "unknown sampler 'nope'"),
+                         ("budget.remove", "write section.key=value"),
+                         ("name.x=1", "'name' in study file .* is not a section")):
+        assert main(["collect", "--study", path, "--set", bad]) == 2
+        err = _one_line_error(capsys)
+        assert __import__("re").search(message, err), (bad, err)

@@ -9,6 +9,7 @@ the current one as a pending point), so that a GPU worker never waits for the GP
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -41,6 +42,8 @@ OBJECTIVE_FORMAT = "nats/token"             # trial values: search NLL (log-perp
 # uses ask/tell and records the heartbeats itself (see _Heartbeat), which Optuna warns about.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+log = logging.getLogger(__name__)
 
 
 def masked_url(url: str) -> str:
@@ -268,9 +271,9 @@ class Worker:
             self.opt.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
             self.heart.release(trial._trial_id)
         ppl = f"search ppl {a['search_ppl']:.3f}" if "search_ppl" in a else state.name.lower()
-        print(f"trial {trial.number}: {ppl}, removed {a.get('compression', 0):.2%}, {info['proposal']}; seconds: "
-              f"sampling {info['seconds_sampling']:.2f}, apply {a.get('seconds_apply', 0):.2f}, "
-              f"eval {a.get('seconds_eval', 0):.1f}", flush=True)
+        log.info(f"trial {trial.number}: {ppl}, removed {a.get('compression', 0):.2%}, {info['proposal']}; seconds: "
+                    f"sampling {info['seconds_sampling']:.2f}, apply {a.get('seconds_apply', 0):.2f}, "
+                    f"eval {a.get('seconds_eval', 0):.1f}")
 
     def work(self, target: int, prefetch: bool) -> None:
         pool = ThreadPoolExecutor(1) if prefetch else None
@@ -324,14 +327,14 @@ def run(ws, comp, create: bool, trials: int | None = None, artifacts: str | None
                                             next(ws.model.parameters()).device.type == "cuda")
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # bolaco prints one short line per trial
     done = finished(opt)
-    print(f"study {opt.study_name} in {masked_url(study.storage)}: {space.dim} variables ({cfg.space}), objective "
-          f"{cfg.objective}, {min(done, target)} of {target} trials finished, sampler {cfg.sampler}"
-          + (", proposing ahead" if prefetch else ""))
+    log.info(f"study {opt.study_name} in {masked_url(study.storage)}: {space.dim} variables ({cfg.space}), objective "
+             f"{cfg.objective}, {min(done, target)} of {target} trials finished, sampler {cfg.sampler}"
+             + (", proposing ahead" if prefetch else ""))
     if done < target:
         worker = Worker(opt, space, sampler, Objective(ws, comp, space, artifacts), storage)
         worker.work(target, prefetch)
         s = summary(opt)
-        print("proposals: " + ", ".join(f"{k} {v}" for k, v in sorted(s["proposals"].items())))
+        log.info("proposals: " + ", ".join(f"{k} {v}" for k, v in sorted(s["proposals"].items())))
     return opt
 
 
