@@ -5,30 +5,43 @@ A study file is data: it is parsed with yaml.safe_load and checked key by key, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .data import ROLES, Role, RoleSpec
 from .errors import BolacoError
 
-METHODS = ("feature", "feature-uncentred", "weight")
-SAMPLERS = ("botorch", "gp", "tpe", "random")
-SPACES = ("groups", "types", "knots")
-# search NLL (log-perplexity), KL(compressed || dense), NLL + kl_weight * KL
-OBJECTIVES = ("ppl", "kl", "ppl+kl")
-DTYPES = ("float32", "bfloat16", "float16")
-PRUNERS = ("none", "median")
-FINETUNE_VARIANTS = ("lora", "scaling")
+# The allowed values, declared once: the dataclasses below use these types, `_check` validates against them.
+Method = Literal["feature", "feature-uncentred", "weight"]
+Sampler = Literal["botorch", "gp", "tpe", "random"]
+Space = Literal["groups", "types", "knots"]
+Objective = Literal["ppl", "kl", "ppl+kl"]   # search NLL (log-perplexity), KL(compressed || dense), NLL + w * KL
+DType = Literal["float32", "bfloat16", "float16"]
+Pruner = Literal["none", "median"]
+FinetuneVariant = Literal["lora", "scaling"]
+METHODS, SAMPLERS, FINETUNE_VARIANTS = get_args(Method), get_args(Sampler), get_args(FinetuneVariant)
+
+
+def bounded(default, *, ge=None, gt=None, lt=None, key: str | None = None):
+    """A field with numeric bounds (checked by `_check`); `key`: its name in the study file, if not section.name."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "key": key})
+
+
+def named(default, key: str):
+    return field(default=default, metadata={"key": key})
 
 
 @dataclass(frozen=True)
 class SurgicalConfig:
     """SFSD greedy search (bolaco surgical)."""
     metric: str = "ppl"                # "ppl" (search split) or a zero-shot task (bolaco.tasks.ZERO_SHOT)
-    delta: float = 0.01                # ppl: geometric factor per module; accuracy: absolute drop allowed
-    task_rows: int = 200               # task rows for search + verification (seeded; the rest is test)
+    delta: float = bounded(0.01, ge=0)               # ppl: geometric factor per module; accuracy: absolute drop allowed
+    task_rows: int = bounded(200, ge=2)              # task rows for search + verification (seeded; the rest is test)
     start_block: int | None = None     # default: the last block
     backwards: bool = True
     types: tuple[str, ...] = ()        # projection types visited in each block; empty: all of the model's
@@ -38,38 +51,40 @@ class SurgicalConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Post-training in the low-rank subspace (bolaco finetune)."""
-    variant: str = "lora"            # lora (peft on every `down` factor) or scaling (diagonal scalings)
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
+    variant: FinetuneVariant = "lora"           # lora (peft on every `down` factor) or scaling (diagonal scalings)
+    steps: int = bounded(100, ge=0)
+    batch_size: int = bounded(4, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    lr: float = bounded(2e-4, gt=0)
     schedule: str = "cosine"         # any transformers.get_scheduler name: cosine, linear, constant, ...
-    warmup: int = 10
-    lora_r: int = 8
+    warmup: int = bounded(10, ge=0)
+    lora_r: int = bounded(8, ge=1)
     lora_alpha: int = 16
     seed: int = 0
-    checkpoint_every: int = 25
-    distill: float = 0.0             # loss = CE + distill * KL(dense || model) on the same tokens (0: off)
+    checkpoint_every: int = bounded(25, ge=1)
+    distill: float = bounded(0.0, ge=0)   # loss = CE + distill * KL(dense || model) on the same tokens (0: off)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """The BO study: keep ratios in [r_min, 1] of the searched linears, parameterised by `space`."""
-    sampler: str = "botorch"
-    trials: int = 30                 # total finished trials the study aims for (all workers together)
-    space: str = "types"             # types (one ratio per type), groups (type x block group), knots (curve over depth)
-    groups: int = 6                  # space groups: contiguous block groups; = number of blocks for per-layer ratios
-    knots: int = 3                   # space knots: values per type curve, evenly spaced over depth
-    coarse_trials: int = 0           # botorch: the first N trials search one ratio per type, then refine (0: off)
-    r_min: float = 0.1
+    sampler: Sampler = "botorch"
+    trials: int = bounded(30, ge=1)                # total finished trials the study aims for (all workers together)
+    space: Space = "types"   # types (one ratio per type), groups (type x block group), knots (curve over depth)
+    groups: int = bounded(6, ge=1)   # space groups: contiguous block groups; = number of blocks for per-layer ratios
+    knots: int = bounded(3, ge=2)                  # space knots: values per type curve, evenly spaced over depth
+    # botorch: the first N trials search one ratio per type, then refine (0: off)
+    coarse_trials: int = bounded(0, ge=0)
+    r_min: float = bounded(0.1, gt=0, lt=1)
     tie: tuple[tuple[str, ...], ...] = ()   # types sharing one ratio, e.g. ((q, k),)
     dense: tuple[str, ...] = ()      # types left out of the search (kept dense)
-    startup: int = 10                # first trials: space-filling draws from the budget polytope
+    startup: int = bounded(10, ge=0)               # first trials: space-filling draws from the budget polytope
     seed: int = 0
-    objective: str = "ppl"           # ppl (the GP models log-perplexity), kl, ppl+kl
-    kl_weight: float = 1.0           # objective ppl+kl: NLL + kl_weight * KL(compressed || dense), nats per token
-    pruner: str = "none"
-    prefetch: bool | str = "auto"    # propose the next trial while one evaluates; auto: on a GPU
+    objective: Objective = "ppl"          # ppl (the GP models log-perplexity), kl, ppl+kl
+    # objective ppl+kl: NLL + kl_weight * KL(compressed || dense), nats per token
+    kl_weight: float = bounded(1.0, ge=0)
+    pruner: Pruner = "none"
+    prefetch: bool | Literal["auto"] = "auto"   # propose the next trial while one evaluates; auto: on a GPU
     refit: bool = False              # closed-loop refit inside every trial (costs ~4 calibration passes; GPU)
 
 
@@ -77,18 +92,20 @@ class SearchConfig:
 class Study:
     name: str
     model: str = "default"
-    dtype: str = "float32"           # the model's weights; statistics and bases are float32/float64 regardless
+    # the model's weights; statistics and bases are float32/float64 regardless
+    dtype: DType = named("float32", "model.dtype")
     device_map: str | None = None    # None: one device (--device); "auto": across a node's GPUs via accelerate
-    seq_len: int = 256
+    seq_len: int = bounded(256, ge=2)
     data: dict[str, Role] = field(default_factory=dict)
     data_dir: str | None = None
-    partitions: int = 1
-    batch_size: int = 8
-    remove: float = 0.2              # fraction of the decomposable parameters removed
-    method: str = "feature"
-    rank_multiple: int = 8
+    partitions: int = bounded(1, ge=1, key="collect.partitions")
+    batch_size: int = bounded(8, ge=1, key="collect.batch_size")
+    remove: float = bounded(0.2, ge=0, lt=1, key="budget.remove")   # fraction of the decomposable parameters removed
+    method: Method = named("feature", "decompose.method")
+    rank_multiple: int = bounded(8, ge=1, key="decompose.rank_multiple")
     refit: bool = False              # closed-loop refit of the exported allocation (bolaco.refit)
-    refit_ridge: float = 0.1         # shrinkage of the refit towards the dense layer (relative to mean input variance)
+    # shrinkage of the refit towards the dense layer (relative to mean input variance)
+    refit_ridge: float = bounded(0.1, ge=0, key="decompose.refit_ridge")
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
     storage: str = "sqlite:///storage/studies.db"
     cache_dir: str = "storage/cache"
@@ -99,6 +116,59 @@ class Study:
 
     def with_overrides(self, **kw) -> "Study":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+_SECTIONS = {"SearchConfig": "search", "FinetuneConfig": "finetune", "SurgicalConfig": "surgical"}
+
+
+def _allowed(hint) -> tuple[list, list[type]]:
+    """(the literal values, the plain types) a type annotation admits."""
+    if get_origin(hint) is Literal:
+        return list(get_args(hint)), []
+    if get_origin(hint) in (Union, UnionType):
+        values, types = [], []
+        for arg in get_args(hint):
+            v, t = _allowed(arg)
+            values += v
+            types += t
+        return values, types
+    return [], [hint]
+
+
+def _check(config, where: str) -> None:
+    """Every field of a study dataclass (and of its section dataclasses) against its annotation and bounds: the
+    one validator of the study model."""
+    hints = get_type_hints(type(config))
+    section = _SECTIONS.get(type(config).__name__)
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if is_dataclass(value):
+            _check(value, where)
+            continue
+        key = f.metadata.get("key") or (f"{section}.{f.name}" if section else f.name)
+        values, types = _allowed(hint)
+        if value is None and type(None) in types:
+            continue
+        if bool in types:       # YAML true/false
+            values += [True, False]
+        numeric = [t for t in types if t in (int, float)]
+        if values and value in values and not (isinstance(value, bool) and bool not in types and True not in values):
+            continue
+        if values and not numeric:
+            if not types or value is not None and not any(t is not bool and isinstance(value, t) for t in types):
+                choices = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+                raise BolacoError(f"{where}: {key} is {value!r}; choose from {choices}")
+            continue
+        if numeric:
+            ok = isinstance(value, numeric[0] if numeric == [int] else (int, float)) and not isinstance(value, bool)
+            if not ok:
+                raise BolacoError(f"{where}: {key} must be {'an integer' if numeric == [int] else 'a number'}, "
+                                  f"not {value!r}")
+            for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                                      ("lt", lambda v, b: v < b, "<")):
+                limit = f.metadata.get(bound)
+                if limit is not None and not test(value, limit):
+                    raise BolacoError(f"{where}: {key} is {value}, but it must be {word} {limit}")
 
 
 def _section(raw: dict, name: str, allowed: set[str], where: str) -> dict:
@@ -138,7 +208,7 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     return raw
 
 
-def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     """The study file at `path`, with `overrides` (`section.key=value`, see apply_overrides) applied."""
     path = Path(path)
     if not path.is_file():
@@ -193,14 +263,14 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
         search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
                                      "dense": tuple(str(t) for t in search.get("dense", ()))})
         study = Study(name=str(raw.get("name") or path.stem), model=str(model["path"]),
-                      dtype=str(model.get("dtype", "float32")),
+                      dtype=model.get("dtype", "float32"),
                       device_map=None if model.get("device_map") is None else str(model["device_map"]),
-                      seq_len=int(raw.get("seq_len", 256)), data=roles, data_dir=data.get("dir"),
-                      partitions=int(collect.get("partitions", 1)), batch_size=int(collect.get("batch_size", 8)),
-                      remove=float(budget.get("remove", 0.2)), method=str(decompose.get("method", "feature")),
-                      rank_multiple=int(decompose.get("rank_multiple", 8)),
-                      refit=bool(decompose.get("refit", Study.refit)),
-                      refit_ridge=float(decompose.get("refit_ridge", Study.refit_ridge)),
+                      seq_len=raw.get("seq_len", 256), data=roles, data_dir=data.get("dir"),
+                      partitions=collect.get("partitions", 1), batch_size=collect.get("batch_size", 8),
+                      remove=budget.get("remove", 0.2), method=decompose.get("method", "feature"),
+                      rank_multiple=decompose.get("rank_multiple", 8),
+                      refit=decompose.get("refit", Study.refit),
+                      refit_ridge=decompose.get("refit_ridge", Study.refit_ridge),
                       shard_size=str(export.get("shard_size", Study.shard_size)),
                       storage=str(raw.get("storage", Study.storage)),
                       cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
@@ -210,36 +280,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
                       path=str(path))
     except (TypeError, ValueError) as exc:
         raise BolacoError(f"{where}: {exc}")
-    if study.dtype not in DTYPES:
-        raise BolacoError(f"{where}: unknown model dtype '{study.dtype}' (choose from {', '.join(DTYPES)})")
-    if study.refit_ridge < 0 or study.finetune.distill < 0:
-        raise BolacoError(f"{where}: decompose.refit_ridge and finetune.distill must be >= 0")
-    if study.method not in METHODS:
-        raise BolacoError(f"{where}: unknown method '{study.method}' (choose from {', '.join(METHODS)})")
-    sc = study.search
-    if sc.sampler not in SAMPLERS:
-        raise BolacoError(f"{where}: unknown sampler '{sc.sampler}' (choose from {', '.join(SAMPLERS)})")
-    if sc.pruner not in PRUNERS:
-        raise BolacoError(f"{where}: unknown pruner '{sc.pruner}' (choose from {', '.join(PRUNERS)})")
-    if sc.space not in SPACES:
-        raise BolacoError(f"{where}: unknown search space '{sc.space}' (choose from {', '.join(SPACES)})")
-    if sc.objective not in OBJECTIVES:
-        raise BolacoError(f"{where}: unknown search objective '{sc.objective}' (choose from {', '.join(OBJECTIVES)})")
-    if sc.prefetch not in (True, False, "auto"):
-        raise BolacoError(f"{where}: search.prefetch is true, false or auto")
-    if sc.coarse_trials and sc.sampler != "botorch":
+    _check(study, where)
+    if study.search.coarse_trials and study.search.sampler != "botorch":
         raise BolacoError(f"{where}: search.coarse_trials needs sampler botorch")
-    if not 0 < sc.r_min < 1 or sc.trials < 1 or sc.groups < 1 or sc.knots < 2 or sc.kl_weight < 0 \
-            or sc.startup < 0 or sc.coarse_trials < 0:
-        raise BolacoError(f"{where}: search needs 0 < r_min < 1, trials >= 1, groups >= 1, knots >= 2, "
-                          "kl_weight >= 0, startup >= 0, coarse_trials >= 0")
     from .tasks import ZERO_SHOT
     if study.surgical.metric != "ppl" and study.surgical.metric not in ZERO_SHOT:
         raise BolacoError(f"{where}: unknown surgical metric '{study.surgical.metric}' "
                           f"(ppl or a task: {', '.join(ZERO_SHOT)})")
-    if study.finetune.variant not in FINETUNE_VARIANTS:
-        raise BolacoError(f"{where}: unknown finetune variant '{study.finetune.variant}' "
-                          f"(choose from {', '.join(FINETUNE_VARIANTS)})")
-    if study.seq_len < 2 or study.partitions < 1 or study.batch_size < 1 or study.rank_multiple < 1:
-        raise BolacoError(f"{where}: seq_len >= 2, partitions, batch_size and rank_multiple >= 1 are required")
     return study

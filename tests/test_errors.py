@@ -76,7 +76,7 @@ def test_set_overrides_any_setting_and_is_checked_like_the_file(tmp_path, capsys
     assert (study.remove, study.search.sampler, study.search.tie, study.seq_len) == (0.3, "tpe", (("q", "k"),), 64)
     assert study.search.trials == 5 and study.data["calibration"].corpus == "c4-valid"
     for bad, message in (("budget.typo=1", r"unknown key\(s\) \['typo'\] in 'budget'"),
-                         ("search.sampler=nope", "unknown sampler 'nope'"),
+                         ("search.sampler=nope", "search.sampler is .nope.; choose from botorch, gp, tpe, random"),
                          ("budget.remove", "write section.key=value"),
                          ("name.x=1", "'name' in study file .* is not a section")):
         assert main(["collect", "--study", path, "--set", bad]) == 2
