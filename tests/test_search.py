@@ -165,9 +165,12 @@ def test_bad_search_input_is_refused(tmp_path):
 
 def test_malformed_study_files_are_refused(tmp_path):
     from bolaco.study import load_study
-    cases = {"sampler: cmaes": "unknown sampler", "trials: 0": "trials >= 1", "colour: red": "unknown key",
-             "tie: [[q, k]]\n  nonsense: 1": "unknown key", "space: spline": "unknown search space",
-             "objective: bleu": "unknown search objective", "coarse_trials: 5\n  sampler: gp": "needs sampler botorch"}
+    cases = {"sampler: cmaes": "search.sampler is 'cmaes'; choose from botorch, gp, tpe, random",
+             "trials: 0": r"search.trials is 0, but it must be >= 1", "colour: red": "unknown key",
+             "tie: [[q, k]]\n  nonsense: 1": "unknown key", "space: spline": "search.space is 'spline'; choose from",
+             "objective: bleu": r"search.objective is 'bleu'; choose from ppl, kl, ppl\+kl",
+             "r_min: '0.2'": "search.r_min must be a number, not '0.2'",
+             "coarse_trials: 5\n  sampler: gp": "needs sampler botorch"}
     for body, message in cases.items():
         f = tmp_path / "s.yaml"
         f.write_text("name: s\nsearch:\n  " + body + "\n")
