@@ -134,7 +134,7 @@ def cmd_finetune(args) -> None:
     import hashlib
     from pathlib import Path
     from .data import describe, role_sequences, same_source
-    from .export import count_params, export, load_compressed
+    from .export import ExportMeta, count_params, export, load_compressed
     from .finetune import SubspaceTuner
     from .perplexity import perplexity
     study = _study(args)
@@ -144,7 +144,7 @@ def cmd_finetune(args) -> None:
         raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) "
                           "or pass --from DIR")
     model, tokenizer = load_compressed(source, device=args.device)
-    meta = json.loads((source / "bolaco.json").read_text())
+    meta = ExportMeta.read(source)
     roles = {"train": study.data.get("train", study.data.get("calibration")),
              **{r: study.data[r] for r in ("search", "test") if r in study.data}}
     if roles["train"] is None:
@@ -165,7 +165,7 @@ def cmd_finetune(args) -> None:
 
     before = ppl()
     print("before: " + ", ".join(f"{r} ppl {v:.2f}" for r, v in before.items()))
-    key = hashlib.sha256(json.dumps([meta["ranks"], meta.get("params"), dataclasses.asdict(cfg),
+    key = hashlib.sha256(json.dumps([meta.ranks, meta.params, dataclasses.asdict(cfg),
                                      describe(roles["train"])]).encode()).hexdigest()[:12]
     t = time.perf_counter()
     tuner = SubspaceTuner(model, cfg, teacher=teacher)
@@ -176,16 +176,14 @@ def cmd_finetune(args) -> None:
     print("after:  " + ", ".join(f"{r} ppl {v:.2f}" for r, v in after.items()) +
           f" ({cfg.steps} steps, {cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len:,} tokens, "
           f"{seconds:.0f} s)")
-    info = {k: v for k, v in meta.items() if k not in ("format", "bolaco_version", "ranks", "lowrank_bias",
-                                                        "dense_bias", "params")}
+    info = dict(meta.info)
     info["finetune"] = {**dataclasses.asdict(cfg), "source": str(source), "train_data": describe(roles["train"]),
                         "same_source_as_test": shared,
                         "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * study.seq_len,
                         "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
                         "perplexity_before": before, "perplexity_after": after}
     info["perplexity"] = {"seq_len": study.seq_len, **after}
-    out = export(model, tokenizer, {k: int(v) for k, v in meta["ranks"].items()},
-                 args.out or f"{source}-ft-{cfg.variant}", info, study.shard_size)
+    out = export(model, tokenizer, meta.ranks, args.out or f"{source}-ft-{cfg.variant}", info, study.shard_size)
     print(f"wrote {out}: {count_params(model):,} parameters (unchanged by merging)")
 
 

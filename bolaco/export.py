@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -61,6 +62,49 @@ class BolacoForCausalLM(_BaseModel):
                     LowRankLinear(dense.in_features, dense.out_features, rank, bias, dense.bias is not None,
                                   device=dense.weight.device, dtype=dense.weight.dtype))
 '''
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """bolaco.json, in export format FORMAT: what loading needs (the rank map, which factors carry a bias, the
+    parameter count) and `info`, what the stage that wrote the export records (method, budget, refit,
+    perplexity, provenance, allocation, post-training). Only `export` writes it; `read` checks it."""
+    ranks: dict[str, int]
+    lowrank_bias: list[str]
+    dense_bias: list[str]
+    params: int
+    info: dict = field(default_factory=dict)
+    format: int = FORMAT
+    bolaco_version: str = __version__
+
+    def to_json(self) -> dict:
+        core = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "info"}
+        return {**self.info, **core}
+
+    @classmethod
+    def read(cls, folder: Path) -> "ExportMeta":
+        path = folder / "bolaco.json"
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BolacoError(f"{path} is not valid JSON ({exc}): export the model again")
+        if not isinstance(raw, dict):
+            raise BolacoError(f"{path} must hold a JSON object: export the model again")
+        if raw.get("format") != FORMAT:
+            raise BolacoError(f"{folder} was written in bolaco export format {raw.get('format')}; this bolaco reads "
+                              f"{FORMAT}: export the model again with this version")
+        ranks = raw.get("ranks")
+        if not isinstance(ranks, dict) or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                  for k in ranks.values()):
+            raise BolacoError(f"{path}: 'ranks' must map layer ids to integer ranks, e.g. {{\"0.q\": 64}}: "
+                              "export the model again")
+        for key in ("lowrank_bias", "dense_bias"):
+            if not isinstance(raw.get(key), list) or not all(isinstance(x, str) for x in raw[key]):
+                raise BolacoError(f"{path}: '{key}' must be a list of layer ids: export the model again")
+        if not isinstance(raw.get("params"), int):
+            raise BolacoError(f"{path}: 'params' must be an integer: export the model again")
+        core = {f.name for f in fields(cls)} - {"info"}
+        return cls(**{k: raw[k] for k in core}, info={k: v for k, v in raw.items() if k not in core})
 
 
 def _weight_files(weights: Path) -> list[Path]:
@@ -121,9 +165,7 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
     save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
     biased = sorted(lid for lid in ranks if lowrank[lid].up.bias is not None)
     dense_biased = sorted(lid for lid, li in adapter.linears.items() if li.bias)
-    meta = {"format": FORMAT, "bolaco_version": __version__, "ranks": ranks, "lowrank_bias": biased,
-            "dense_bias": dense_biased,
-            "params": count_params(model), **info}
+    meta = ExportMeta(dict(ranks), biased, dense_biased, count_params(model), dict(info)).to_json()
     (out / "bolaco.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -146,30 +188,9 @@ def _header_shapes(weights: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _read_meta(path: Path) -> dict:
-    meta_path = path / "bolaco.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BolacoError(f"{meta_path} is not valid JSON ({exc}): export the model again")
-    if not isinstance(meta, dict):
-        raise BolacoError(f"{meta_path} must hold a JSON object: export the model again")
-    if meta.get("format") != FORMAT:
-        raise BolacoError(f"{path} was written in bolaco export format {meta.get('format')}; this bolaco reads "
-                          f"{FORMAT}: export the model again with this version")
-    ranks = meta.get("ranks")
-    if not isinstance(ranks, dict) or not all(isinstance(k, int) and not isinstance(k, bool) for k in ranks.values()):
-        raise BolacoError(f"{meta_path}: 'ranks' must map layer ids to integer ranks, e.g. {{\"0.q\": 64}}: "
-                          "export the model again")
-    for key in ("lowrank_bias", "dense_bias"):
-        if not isinstance(meta.get(key), list) or not all(isinstance(x, str) for x in meta[key]):
-            raise BolacoError(f"{meta_path}: '{key}' must be a list of layer ids: export the model again")
-    return meta
-
-
-def _check_against_weights(meta: dict, adapter, shapes: dict[str, list[int]], where: Path) -> None:
+def _check_against_weights(meta: ExportMeta, adapter, shapes: dict[str, list[int]], where: Path) -> None:
     """Every rank, bias and layer id of bolaco.json agrees with the tensors stored."""
-    for lid, k in meta["ranks"].items():
+    for lid, k in meta.ranks.items():
         if lid not in adapter.linears:
             raise BolacoError(f"{where}: '{lid}' is not a projection of this {adapter.family} model "
                               f"(ids look like {next(iter(adapter.linears))}): export the model again")
@@ -181,7 +202,7 @@ def _check_against_weights(meta: dict, adapter, shapes: dict[str, list[int]], wh
         if down != [k, li.d_in] or up != [li.d_out, k]:
             raise BolacoError(f"{where}: the rank of '{lid}' is {k} but the weights store {down[0]}: "
                               "export the model again")
-        if (f"{li.path}.up.bias" in shapes) != (lid in meta["lowrank_bias"]):
+        if (f"{li.path}.up.bias" in shapes) != (lid in meta.lowrank_bias):
             raise BolacoError(f"{where}: the bias of '{lid}' does not match the weights: export the model again")
 
 
@@ -208,7 +229,7 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     for f in (path / "bolaco.json", weights, path / "config.json"):
         if not f.is_file():
             raise BolacoError(f"{path} is not a bolaco export: {f.name} is missing")
-    meta = _read_meta(path)
+    meta = ExportMeta.read(path)
     shapes = _header_shapes(weights)
     config = base_config(path)
     state = {k: v for f in _weight_files(weights) for k, v in load_file(f).items()}
@@ -217,8 +238,8 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_for(model)
     _check_against_weights(meta, adapter, shapes, path / "bolaco.json")
-    biased, dense_biased = set(meta["lowrank_bias"]), set(meta["dense_bias"])
-    for lid, k in meta["ranks"].items():
+    biased, dense_biased = set(meta.lowrank_bias), set(meta.dense_bias)
+    for lid, k in meta.ranks.items():
         li = adapter.linears[lid]
         adapter.replace(lid, LowRankLinear(li.d_in, li.d_out, k, lid in biased, lid in dense_biased, device="meta",
                                            dtype=dtype))
