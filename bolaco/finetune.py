@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .store import atomic_write, file_sha256
 from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
 
 log = logging.getLogger(__name__)
+
 
 class DiagonalScaling(nn.Module):
     """A LowRankLinear with trainable diagonal scalings between the factors and on the output."""

@@ -24,6 +24,7 @@ from .errors import CacheError
 
 log = logging.getLogger(__name__)
 
+
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -5,6 +5,7 @@ A study file is data: it is parsed with yaml.safe_load and checked key by key, n
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -103,7 +104,7 @@ class Study:
     remove: float = bounded(0.2, ge=0, lt=1, key="budget.remove")   # fraction of the decomposable parameters removed
     method: Method = named("feature", "decompose.method")
     rank_multiple: int = bounded(8, ge=1, key="decompose.rank_multiple")
-    refit: bool = False              # closed-loop refit of the exported allocation (bolaco.refit)
+    refit: bool = named(False, "decompose.refit")   # closed-loop refit of the exported allocation (bolaco.refit)
     # shrinkage of the refit towards the dense layer (relative to mean input variance)
     refit_ridge: float = bounded(0.1, ge=0, key="decompose.refit_ridge")
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
@@ -151,24 +152,21 @@ def _check(config, where: str) -> None:
             continue
         if bool in types:       # YAML true/false
             values += [True, False]
+        if value in values:
+            continue
+        if values:              # a Literal (or bool) field given something else
+            choices = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+            raise BolacoError(f"{where}: {key} is {value!r}; choose from {choices}")
         numeric = [t for t in types if t in (int, float)]
-        if values and value in values and not (isinstance(value, bool) and bool not in types and True not in values):
+        if not numeric:
             continue
-        if values and not numeric:
-            if not types or value is not None and not any(t is not bool and isinstance(value, t) for t in types):
-                choices = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
-                raise BolacoError(f"{where}: {key} is {value!r}; choose from {choices}")
-            continue
-        if numeric:
-            ok = isinstance(value, numeric[0] if numeric == [int] else (int, float)) and not isinstance(value, bool)
-            if not ok:
-                raise BolacoError(f"{where}: {key} must be {'an integer' if numeric == [int] else 'a number'}, "
-                                  f"not {value!r}")
-            for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                                      ("lt", lambda v, b: v < b, "<")):
-                limit = f.metadata.get(bound)
-                if limit is not None and not test(value, limit):
-                    raise BolacoError(f"{where}: {key} is {value}, but it must be {word} {limit}")
+        if isinstance(value, bool) or not isinstance(value, int if numeric == [int] else (int, float)):
+            raise BolacoError(f"{where}: {key} must be {'an integer' if numeric == [int] else 'a number'}, "
+                              f"not {value!r}")
+        for bound, holds, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("lt", operator.lt, "<")):
+            limit = f.metadata.get(bound)
+            if limit is not None and not holds(value, limit):
+                raise BolacoError(f"{where}: {key} is {value}, but it must be {word} {limit}")
 
 
 def _section(raw: dict, name: str, allowed: set[str], where: str) -> dict:
