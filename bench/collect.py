@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bolaco.data import tokenize_corpus
-from bolaco.perplexity import perplexity
+from bolaco.evaluate.perplexity import perplexity
 from bolaco.workspace import Workspace
 from common import bench_study, print_table
 

@@ -28,7 +28,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def ppl_at(ws, comp, ranks, role, batch_size):
     """Perplexity of the workspace model on `role` with `ranks` applied (dense again afterwards)."""
-    from bolaco.perplexity import perplexity
+    from bolaco.evaluate.perplexity import perplexity
     comp.apply(ranks)
     try:
         return perplexity(ws.model, ws.data[role], batch_size, desc=role).ppl

@@ -13,9 +13,9 @@ import time
 import torch
 
 import bolaco
-from bolaco.decompose import METHODS, Compressor, build_bases, make_budget
+from bolaco.decompose.bases import METHODS, Compressor, build_bases, make_budget
 from bolaco.export import count_params, export
-from bolaco.perplexity import perplexity
+from bolaco.evaluate.perplexity import perplexity
 from bolaco.workspace import Workspace
 from common import bench_study, print_table
 

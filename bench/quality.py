@@ -30,12 +30,13 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from bolaco import evaluate, search
+from bolaco import evaluate
+from bolaco import search
 from bolaco import model as model_io
 from bolaco.data import RoleSpec, role_sequences
 from bolaco.export import export, load_compressed
 from bolaco.finetune import SubspaceTuner
-from bolaco.perplexity import perplexity
+from bolaco.evaluate.perplexity import perplexity
 from bolaco.study import load_study
 from bolaco.workspace import Workspace
 from common import print_table

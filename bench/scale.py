@@ -24,10 +24,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from bolaco.arch import adapter_for
-from bolaco.collect import cache_bytes, collect
-from bolaco.decompose import build_bases, input_root, make_budget, output_basis, Compressor
-from bolaco.perplexity import perplexity
-from bolaco.refit import refit
+from bolaco.calibrate import cache_bytes, collect
+from bolaco.decompose.bases import build_bases, input_root, make_budget, output_basis, Compressor
+from bolaco.evaluate.perplexity import perplexity
+from bolaco.decompose import refit
 from common import print_table
 
 # (hidden, intermediate, heads, kv heads, full depth, vocab)

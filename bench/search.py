@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bolaco import search
-from bolaco.perplexity import perplexity
+from bolaco.evaluate.perplexity import perplexity
 from bolaco.study import load_study
 from bolaco.workspace import Workspace
 from common import ppl_at, print_table

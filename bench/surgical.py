@@ -19,7 +19,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from bolaco import surgical
+from bolaco.search import surgical
 from bolaco.data import RoleSpec
 from bolaco.study import load_study
 from bolaco.workspace import Workspace

@@ -88,7 +88,7 @@ def cmd_worker(args) -> None:
 
 
 def cmd_surgical(args) -> None:
-    from . import surgical
+    from .search import surgical
     from .workspace import Workspace
     study = _study(args)
     ws = Workspace.open(study, device=args.device)
@@ -136,7 +136,7 @@ def cmd_finetune(args) -> None:
     from .data import describe, role_sequences, same_source
     from .export import ExportMeta, count_params, export, load_compressed
     from .finetune import SubspaceTuner
-    from .perplexity import perplexity
+    from .evaluate.perplexity import perplexity
     study = _study(args)
     cfg = study.finetune
     source = Path(args.source or f"out/{study.name}")
@@ -192,7 +192,7 @@ def cmd_eval(args) -> None:
     from . import evaluate
     from . import model as model_io
     from .data import default_data_dir
-    from .tasks import ZERO_SHOT
+    from .evaluate import ZERO_SHOT
     chosen = args.ppl or args.tasks is not None or args.stereoset
     plan = evaluate.EvalPlan(
         corpora=tuple(args.corpus) if (args.ppl or not chosen) else (), seq_len=args.seq_len,

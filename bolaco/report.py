@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .budget import Budget
+from .decompose import Budget
 from .study import Study
 
 CURVE_SIZE = (6.4, 4.0)      # inches at 100 dpi: 640 x 400 pixels
@@ -123,7 +123,7 @@ def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, o
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
     from .search import allocation_heatmap, masked_url, open_storage
-    from .surgical import accepted_ranks
+    from .search.surgical import accepted_ranks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = bo_studies(study, compare)

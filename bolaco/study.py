@@ -281,7 +281,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     _check(study, where)
     if study.search.coarse_trials and study.search.sampler != "botorch":
         raise BolacoError(f"{where}: search.coarse_trials needs sampler botorch")
-    from .tasks import ZERO_SHOT
+    from .evaluate import ZERO_SHOT
     if study.surgical.metric != "ppl" and study.surgical.metric not in ZERO_SHOT:
         raise BolacoError(f"{where}: unknown surgical metric '{study.surgical.metric}' "
                           f"(ppl or a task: {', '.join(ZERO_SHOT)})")

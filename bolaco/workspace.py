@@ -11,14 +11,14 @@ import torch
 
 from . import model as model_io
 from .arch import Adapter, adapter_for
-from .collect import CovarianceCache, collect
-from .budget import RankMap
+from .calibrate import CovarianceCache, collect
+from .decompose import RankMap
 from .data import describe, role_sequences, token_hash
 from .decompose import Compressor, adds_bias, build_bases, make_budget
 from .errors import BolacoError
 from .export import count_params, export
-from .perplexity import perplexity
-from .refit import refit
+from .evaluate.perplexity import perplexity
+from .decompose import refit
 from .study import Study
 
 log = logging.getLogger(__name__)

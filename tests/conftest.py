@@ -103,7 +103,7 @@ def family(request):
 def uniform_compressor(model, calibration, cache_dir, method="feature", multiple=4, partitions=1):
     """Collect, build bases and return (adapter, compressor) for `model` (the real pipeline, tiny sizes)."""
     from bolaco.arch import adapter_for
-    from bolaco.collect import collect
+    from bolaco.calibrate import collect
     from bolaco.decompose import Compressor, build_bases, make_budget
     adapter = adapter_for(model)
     cov = collect(model, calibration, cache_dir, partitions=partitions, progress=False)

@@ -3,7 +3,7 @@ equal an unbatched float64 computation; the local file loads with the official c
 
 import pytest
 
-from bolaco.bias import StereoExample, candidate_scores, load_stereoset, stereoset_scores
+from bolaco.evaluate.bias import StereoExample, candidate_scores, load_stereoset, stereoset_scores
 from bolaco.data import default_data_dir
 from conftest import tiny_model
 from test_tasks import reference_logprobs

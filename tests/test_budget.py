@@ -1,7 +1,7 @@
 import pytest
 
 from bolaco.arch import adapter_for
-from bolaco.budget import Budget
+from bolaco.decompose import Budget
 from bolaco.errors import BolacoError
 from conftest import tiny_model
 

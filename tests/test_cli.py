@@ -76,7 +76,7 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
 
     def no_recompute(*a, **k):
         raise AssertionError("a cached result was recomputed")
-    monkeypatch.setattr("bolaco.perplexity.perplexity", no_recompute)
+    monkeypatch.setattr("bolaco.evaluate.perplexity.perplexity", no_recompute)
     assert main(["eval", "out/s", *ppl]) == 0
     assert "re-using 1 cached result(s)" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="recomputed"):

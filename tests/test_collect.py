@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bolaco.arch import adapter_for
-from bolaco.collect import collect
+from bolaco.calibrate import collect
 from bolaco.errors import BolacoError, CacheError
 from bolaco.store import BlockStore
 from conftest import tiny_model
@@ -141,7 +141,7 @@ def test_collect_refuses_bad_input(tmp_path):
 def test_a_cache_the_disk_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from bolaco.collect import cache_bytes
+    from bolaco.calibrate import cache_bytes
     model = tiny_model("llama")
     adapter = adapter_for(model)
     calibration = torch.randint(0, 300, (4, 16))

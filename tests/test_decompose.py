@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from bolaco.collect import collect
+from bolaco.calibrate import collect
 from bolaco.layers import LowRankLinear
-from bolaco.decompose import METHODS, build_bases, factor_parts, output_basis, truncate
+from bolaco.decompose.bases import METHODS, build_bases, factor_parts, output_basis, truncate
 from bolaco.export import count_params
 from conftest import tiny_model, uniform_compressor
 
@@ -136,7 +136,7 @@ def test_apply_then_restore_is_bit_identical(compressed):
 def test_bases_cache_is_reused_and_verified(compressed, tmp_path, monkeypatch):
     model, adapter, comp, calibration = compressed
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False)   # the cached run
-    import bolaco.decompose as decompose
+    import bolaco.decompose.bases as decompose
     real_block_bases = decompose._block_bases
     monkeypatch.setattr(decompose, "_block_bases", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = build_bases(adapter, cov, "feature", progress=False)

@@ -7,8 +7,8 @@ import torch
 import bolaco
 from bolaco import search
 from bolaco.arch import adapter_for
-from bolaco.collect import collect
-from bolaco.decompose import build_bases, input_root, output_basis
+from bolaco.calibrate import collect
+from bolaco.decompose.bases import build_bases, input_root, output_basis
 from bolaco.study import SearchConfig, Study
 from bolaco.workspace import Workspace
 from conftest import tiny_model

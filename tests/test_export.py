@@ -40,7 +40,7 @@ def test_export_load_round_trip_is_identical_and_smaller(family, tmp_path, token
 
 
 def test_a_large_export_is_sharded_and_loads_back_with_refitted_layers(tmp_path, tokenizer):
-    from bolaco.refit import refit
+    from bolaco.decompose import refit
     model = tiny_model("llama", vocab_size=len(tokenizer), layers=3)
     calibration = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
     adapter, comp = uniform_compressor(model, calibration, tmp_path / "cache")

@@ -6,7 +6,7 @@ import torch
 from bolaco.arch import adapter_for
 from bolaco.errors import BolacoError
 from bolaco.export import count_params, export
-from bolaco.finetune import SubspaceTuner, _Checkpoint
+from bolaco.finetune.subspace import SubspaceTuner, _Checkpoint
 from bolaco.study import FinetuneConfig
 from conftest import tiny_model, uniform_compressor
 

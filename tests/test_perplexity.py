@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from bolaco.perplexity import perplexity
+from bolaco.evaluate.perplexity import perplexity
 from conftest import tiny_model
 
 
@@ -36,7 +36,7 @@ def test_running_values_reach_the_final_perplexity():
 
 
 def test_kl_to_reference_is_zero_for_itself_and_matches_float64():
-    from bolaco.perplexity import log_probs
+    from bolaco.evaluate.perplexity import log_probs
     model, other = tiny_model("qwen2"), tiny_model("qwen2", seed=1)
     seqs = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2))
     ref = log_probs(model, seqs, batch_size=2, dtype=torch.float64)

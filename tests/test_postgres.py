@@ -92,7 +92,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
 
     # the retried trial's value is the one its allocation gets in an uninterrupted evaluation, bit for bit
     sys.path.insert(0, str(Path(__file__).parent))
-    from bolaco.perplexity import perplexity
+    from bolaco.evaluate.perplexity import perplexity
     from test_search import tiny_workspace
     ws, comp = tiny_workspace(tmp_path)       # the workers' cache folder: nothing is recomputed
     comp.apply({k: int(v) for k, v in retried[0].user_attrs["ranks"].items()})

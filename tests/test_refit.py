@@ -5,9 +5,9 @@ the cache resumes)."""
 import pytest
 import torch
 
-from bolaco.decompose import output_basis
+from bolaco.decompose.bases import output_basis
 from bolaco.layers import LowRankLinear
-from bolaco.refit import PairAccumulator, fit_linear, refit
+from bolaco.decompose.closed_loop import PairAccumulator, fit_linear, refit
 from conftest import tiny_model, uniform_compressor
 
 
@@ -149,7 +149,7 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     assert all(torch.equal(p, q) for lid in layers for p, q in zip(layers[lid].parameters(), again[lid].parameters()))
 
     # a complete cache is read without running a single block
-    import bolaco.refit as refit_module
+    import bolaco.decompose.closed_loop as refit_module
     real = refit_module.run_block
     refit_module.run_block = lambda *a, **k: (_ for _ in ()).throw(AssertionError("a cached refit ran a block"))
     try:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from bolaco import perplexity, search
+from bolaco.evaluate import perplexity
+from bolaco import search
 from bolaco.arch import adapter_for
 from bolaco.errors import BolacoError
 from bolaco.export import count_params

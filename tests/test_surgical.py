@@ -4,7 +4,7 @@ import torch
 
 from bolaco.errors import BolacoError
 from bolaco.study import SurgicalConfig
-from bolaco.surgical import module_order, perplexity_metric, rank_grid, surgical_search
+from bolaco.search.surgical import module_order, perplexity_metric, rank_grid, surgical_search
 from conftest import tiny_model, uniform_compressor
 from test_search import tiny_workspace
 
@@ -86,7 +86,7 @@ def test_perplexity_variant_and_disjoint_chunks(tmp_path):
 
 
 def test_study_run_logs_probes_in_the_store_and_resumes(tmp_path):
-    from bolaco import surgical
+    from bolaco.search import surgical
     ws, comp = tiny_workspace(tmp_path)
     ranks, summary = surgical.run(ws, comp, progress=False)
     probes = optuna.load_study(study_name="tiny-surgical-ppl", storage=ws.study.storage).get_trials()
@@ -100,7 +100,7 @@ def test_study_run_logs_probes_in_the_store_and_resumes(tmp_path):
 
 def test_task_metric_scores_disjoint_seeded_rows_through_lm_eval_and_resumes(tmp_path, eos_tokenizer):
     import dataclasses
-    from bolaco import surgical
+    from bolaco.search import surgical
     from bolaco.arch import adapter_for
     from bolaco.study import SurgicalConfig
     from bolaco.workspace import Workspace

@@ -10,7 +10,7 @@ import pytest
 import torch
 from bolaco.data import default_data_dir
 from bolaco.errors import BolacoError
-from bolaco.tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
+from bolaco.evaluate.tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
 from conftest import tiny_model
 
 PIQA = [("How do you open a jar?", "Twist the lid.", "Eat the lid.", 0),

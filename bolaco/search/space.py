@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import Adapter
-from ..budget import Budget, RankMap
+from ..decompose import Budget, RankMap
 from ..errors import BolacoError
 from ..study import Study
 

@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from .. import perplexity
-from ..budget import Budget, RankMap
-from ..card import keep_heatmap
+from ..evaluate import perplexity
+from ..decompose import Budget, RankMap
+from ..heatmap import keep_heatmap
 from ..errors import BolacoError
 from ..study import Study
 from .sampler import BudgetSampler, _ranks_key

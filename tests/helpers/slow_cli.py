@@ -20,15 +20,15 @@ def _slow(owner, name):
 
 
 if __name__ == "__main__":
-    import bolaco.evaluate
-    import bolaco.export
-    import bolaco.finetune
-    import bolaco.perplexity
+    import bolaco.evaluate.perplexity
+    import bolaco.evaluate.runner
+    import bolaco.export.writer
+    import bolaco.finetune.subspace
     import bolaco.store
     from bolaco.cli import main
     _slow(bolaco.store.BlockStore, "write")
-    _slow(bolaco.finetune._Checkpoint, "save")
-    _slow(bolaco.evaluate.ResultsFile, "save")
-    _slow(bolaco.export, "save_torch_state_dict")
-    _slow(bolaco.perplexity, "perplexity")
+    _slow(bolaco.finetune.subspace._Checkpoint, "save")
+    _slow(bolaco.evaluate.runner.ResultsFile, "save")
+    _slow(bolaco.export.writer, "save_torch_state_dict")
+    _slow(bolaco.evaluate.perplexity, "perplexity")
     sys.exit(main(sys.argv[1:]))

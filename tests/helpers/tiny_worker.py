@@ -6,7 +6,7 @@ A slow worker sleeps before each evaluation so that a test can kill it in the mi
 import sys
 import time
 
-from bolaco import perplexity as ppl_module
+from bolaco.evaluate import perplexity as ppl_module
 from bolaco.search import worker as search_worker
 
 search_worker.HEARTBEAT_SECONDS, search_worker.GRACE_SECONDS = 1, 4

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, parse_linear_id
+from ..arch import Adapter, parse_linear_id
 from .budget import Budget, RankMap
-from .collect import CovarianceCache, check_disk
-from .errors import BolacoError
-from .layers import LowRankLinear
-from .store import BlockStore, key_hash
-from .study import METHODS
+from ..calibrate import CovarianceCache, check_disk
+from ..errors import BolacoError
+from ..layers import LowRankLinear
+from ..store import BlockStore, key_hash
+from ..study import METHODS
 
 BASES_FORMAT = 2
 

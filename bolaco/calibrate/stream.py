@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .arch import Adapter
+from ..arch import Adapter
 
 
 def move(obj, device, memo: dict | None = None):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .data import default_data_dir
-from .errors import BolacoError
+from ..data import default_data_dir
+from ..errors import BolacoError
 
 FILE = Path("stereoset") / "stereoset_dev_flat.jsonl"
 KINDS = ("stereotype", "anti-stereotype", "unrelated")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .arch import LinearInfo
-from .errors import BolacoError
+from ..arch import LinearInfo
+from ..errors import BolacoError
 
 RankMap = dict[str, int]
 

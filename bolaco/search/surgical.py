@@ -24,11 +24,11 @@ from typing import Callable, cast
 import optuna
 from optuna.distributions import IntDistribution
 
-from .arch import Adapter, linear_id
-from .budget import RankMap
-from .decompose import Compressor
-from .errors import BolacoError
-from .study import SurgicalConfig
+from ..arch import Adapter, linear_id
+from ..decompose import RankMap
+from ..decompose import Compressor
+from ..errors import BolacoError
+from ..study import SurgicalConfig
 
 Metric = Callable[[str], float]       # chunk name ("search" or "verify") -> metric of the model as it is now
 
@@ -54,7 +54,7 @@ def rank_grid(comp: Compressor, lid: str, cfg: SurgicalConfig) -> list[int]:
 
 def run(ws, comp, progress: bool = True) -> tuple[RankMap, dict]:
     """The study's surgical search, probes logged in the study store as `<study>-surgical-<metric>`."""
-    from .search import open_storage
+    from . import open_storage
     cfg = ws.study.surgical
     name = f"{ws.study.name}-surgical-{cfg.metric}"
     study = optuna.create_study(study_name=name, storage=open_storage(ws.study.storage), load_if_exists=True,
@@ -148,7 +148,7 @@ def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, targe
 
 def perplexity_metric(ws, batch_size: int | None = None) -> Metric:
     """Search-split perplexity, the split cut in two disjoint halves: 'search' and 'verify'."""
-    from .perplexity import perplexity
+    from ..evaluate.perplexity import perplexity
     seqs = ws.data["search"]
     if len(seqs) < 2:
         raise BolacoError("surgical search needs at least 2 search sequences (one per chunk)")
@@ -160,7 +160,7 @@ def perplexity_metric(ws, batch_size: int | None = None) -> Metric:
 def task_metric(ws, task: str, rows: int, seed: int = 0, batch_size: int = 8) -> Metric:
     """lm-eval accuracy on `rows` seeded rows of a local zero-shot task, cut in two disjoint halves; the
     other rows of the task stay unseen by the search (bolaco.tasks.split)."""
-    from .tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
+    from ..evaluate.tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
     if task not in ZERO_SHOT:
         raise BolacoError(f"surgical metric '{task}' is neither 'ppl' nor a zero-shot task ({', '.join(ZERO_SHOT)})")
     loaded = load_tasks([task], ws.study.data_dir)

@@ -33,14 +33,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter, parse_linear_id
+from ..arch import Adapter, parse_linear_id
 from .budget import RankMap
-from .collect import cache_key, gram
-from .decompose import input_root, left_singular
-from .layers import LowRankLinear, wrap_linear
-from .errors import BolacoError
-from .store import BlockStore, key_hash
-from .stream import capture_block_inputs, execution_device, on_device, run_block
+from ..calibrate import cache_key, gram
+from .bases import input_root, left_singular
+from ..layers import LowRankLinear, wrap_linear
+from ..errors import BolacoError
+from ..store import BlockStore, key_hash
+from ..calibrate import capture_block_inputs, execution_device, on_device, run_block
 
 REFIT_FORMAT = 2
 

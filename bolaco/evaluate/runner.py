@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .data import CORPORA, tokenize_corpus
-from .errors import BolacoError
-from .store import atomic_write
+from ..data import CORPORA, tokenize_corpus
+from ..errors import BolacoError
+from ..store import atomic_write
 from .tasks import ZERO_SHOT
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class EvalPlan:
 def results_path(spec: str | None) -> Path:
     """<dir>/bolaco-eval.json for a model directory (exported or dense); storage/eval/<name>.json for a GGUF
     file, the default model or a hub id (their folders are not ours to write in)."""
-    from .model import resolve
+    from ..model import resolve
     src = resolve(spec)
     if src.gguf_file is None and Path(src.location).is_dir():
         return Path(src.location) / RESULTS_FILE

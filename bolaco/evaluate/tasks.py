@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import RESOURCES, default_data_dir
-from .errors import BolacoError
+from ..data import RESOURCES, default_data_dir
+from ..errors import BolacoError
 
 TASKS_DIR = RESOURCES / "lm_eval_tasks"
 ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
