@@ -51,7 +51,8 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     # enough trials that the surviving worker is still busy when the dead worker's heartbeat goes stale
     # (grace 4 s, about 1.7 s per trial), so it fails and retries that trial before the study is done
     target = 16
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                            os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(HELPER), URL, str(tmp_path)]
     a = subprocess.Popen(cmd + [str(target), "create"], env=env)
     b = None

@@ -234,7 +234,8 @@ def test_proposing_ahead_evaluates_distinct_trials(tmp_path):
 def test_two_worker_processes_never_repeat_an_allocation(tmp_path):
     """Two `bolaco worker`-like processes on one SQLite study, started together, each with the same study file."""
     storage = f"sqlite:///{tmp_path}/studies.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                            os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(HELPER), storage, str(tmp_path)]
     first = subprocess.run(cmd + ["1", "create", "fast"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
