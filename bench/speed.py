@@ -1,5 +1,6 @@
 """Serving speed of an export against its dense model, in one process: prefill and greedy decoding at batch 1
-and 8, for bolaco.load and for plain transformers (trust_remote_code=True). Rounds alternate between the models
+and 8, for bolaco.load (down factors of the layers that read one input stacked, and unstacked) and for plain
+transformers (trust_remote_code=True). Rounds alternate between the models
 and the median of the rounds is reported, since this machine is noisy. `--layers` adds one projection of each
 shape of the dense model, dense against factorised at 20 % removed, and lm_head against low-rank heads.
 
@@ -83,6 +84,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {"dense": model_io.load(args.dense)[0], "bolaco.load": bolaco.load(args.export)[0],
+              "bolaco.load, down factors unfused": bolaco.load(args.export, fuse=False)[0],
               "transformers (trust_remote_code)":
                   AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()}
     vocab = models["dense"].config.vocab_size

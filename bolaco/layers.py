@@ -22,9 +22,34 @@ def wrap_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+class SharedDown(nn.Module):
+    """The down factors of the low-rank layers that read one input (q, k, v; gate, up), stacked into one matrix so
+    that the input is multiplied once. The product of the last input is kept until another input arrives: the
+    layers of a group are called one after the other on the same tensor. `weight` is a non-persistent buffer, so
+    the state dict still holds each layer's own `down.weight` (views of it)."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None   # (input, its version, product)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        version = -1 if x.is_inference() else x._version   # inference tensors keep no version counter
+        last = self._last
+        if last is None or last[0] is not x or last[1] != version:
+            last = self._last = (x, version, F.linear(x, self.weight))
+        return last[2]
+
+
 class LowRankLinear(nn.Module):
     """y = up(down(x)): down is k x d_in, up is d_out x k with the (optional) bias. Both are plain nn.Linear,
-    so peft can target them by name. `dense_bias` records whether the layer it replaces had a bias."""
+    so peft can target them by name. `dense_bias` records whether the layer it replaces had a bias. After
+    `fuse_shared_inputs`, inference (no autograd) takes down(x) as a slice of its group's `shared` product."""
+
+    shared: SharedDown | None      # an instance attribute: a registered module once set, so no class default
+    shared_slice: slice
 
     def __init__(self, d_in: int, d_out: int, rank: int, bias: bool, dense_bias: bool = False, device=None,
                  dtype=None):
@@ -32,6 +57,7 @@ class LowRankLinear(nn.Module):
         self.dense_bias = dense_bias
         self.down = nn.Linear(d_in, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, d_out, bias=bias, device=device, dtype=dtype)
+        self.shared, self.shared_slice = None, slice(0)
 
     @property
     def in_features(self) -> int:
@@ -53,13 +79,37 @@ class LowRankLinear(nn.Module):
         nn.Module.__init__(m)
         m.dense_bias = dense_bias
         m.down, m.up = wrap_linear(down, None), wrap_linear(up, bias)
+        m.shared, m.shared_slice = None, slice(0)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.down, self.up
-        if _plain(down) and _plain(up):   # two calls of F.linear: decoding at batch 1 is bound by per-call cost
+        if _plain(down) and _plain(up):   # direct F.linear calls: decoding at batch 1 is bound by per-call cost
+            if self.shared is not None and not torch.is_grad_enabled():
+                return F.linear(self.shared(x)[..., self.shared_slice], up.weight, up.bias)
             return F.linear(F.linear(x, down.weight), up.weight, up.bias)
         return up(down(x))                # peft's LoRA layers, hooks, accelerate's offload wrappers
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def fuse_shared_inputs(model: nn.Module, groups: list[list[str]]) -> int:
+    """Give each group of low-rank layers that read one input (module paths, e.g. a block's q, k and v) one
+    SharedDown. Call it after the model is on its device: the layers' `down.weight` become views of the stacked
+    matrix, which moving the model would turn back into copies. Returns the number of groups fused."""
+    fused = 0
+    for paths in groups:
+        layers = [m for m in map(model.get_submodule, paths)
+                  if isinstance(m, LowRankLinear) and _plain(m.down) and m.shared is None]
+        if len(layers) < 2 or len(layers) != len(paths):
+            continue
+        stacked = torch.cat([m.down.weight.detach() for m in layers])
+        shared, start = SharedDown(stacked), 0
+        for m in layers:
+            rank = m.rank
+            m.down.weight = nn.Parameter(stacked[start:start + rank], requires_grad=m.down.weight.requires_grad)
+            m.shared, m.shared_slice = shared, slice(start, start + rank)
+            start += rank
+        fused += 1
+    return fused

@@ -56,7 +56,7 @@ def test_every_dtype_runs_the_whole_pipeline(dtype, tmp_path, tokenizer):
     assert all(torch.isfinite(torch.tensor(t.value)) for t in opt.trials)
     ranks, _ = search.best_ranks(study)
     out = ws.export(comp, ranks, str(tmp_path / "out"), {})
-    loaded, _ = bolaco.load(out)
+    loaded, _ = bolaco.load(out, fuse=False)
     assert next(loaded.parameters()).dtype == getattr(torch, dtype)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=data["search"]).logits, ws.model(input_ids=data["search"]).logits)

@@ -33,7 +33,7 @@ from ..decompose import RankMap
 from .card import write_card
 from ..errors import BolacoError
 from ..heatmap import keep_heatmap
-from ..layers import LowRankLinear
+from ..layers import LowRankLinear, fuse_shared_inputs
 
 FORMAT = 2
 INDEX = "model.safetensors.index.json"
@@ -62,6 +62,13 @@ class BolacoForCausalLM(_BaseModel):
             setattr(self.get_submodule(parent), name,
                     LowRankLinear(dense.in_features, dense.out_features, rank, bias, dense.bias is not None,
                                   device=dense.weight.device, dtype=dense.weight.dtype))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The loaded model, with the down factors of the layers that read one input stacked (fuse_shared_inputs)."""
+        model = super().from_pretrained(*args, **kwargs)
+        fuse_shared_inputs(model, model.config.bolaco.get("shared_inputs", []))
+        return model
 '''
 
 
@@ -137,6 +144,13 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def shared_input_groups(adapter, lowrank) -> list[list[str]]:
+    """Module paths of the low-rank layers that read one input, per block and record (q, k, v; gate, up)."""
+    groups = ([adapter.linears[lid].path for lid in lids if lid in lowrank]
+              for b in range(adapter.n_blocks) for lids in adapter.block_records(b).values())
+    return [g for g in groups if len(g) > 1]
+
+
 def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, shard_size: str | int = "5GB") -> Path:
     """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`, in safetensors
     shards of at most `shard_size`."""
@@ -154,7 +168,8 @@ def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, sh
                             "AutoModelForCausalLM": "modeling_bolaco.BolacoForCausalLM"},
                   bolaco={"base_model_type": model.config.model_type,
                           "layers": {adapter.linears[lid].path: [k, lowrank[lid].up.bias is not None]
-                                     for lid, k in sorted(ranks.items())}})
+                                     for lid, k in sorted(ranks.items())},
+                          "shared_inputs": shared_input_groups(adapter, lowrank)})
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     (out / MODELING).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
                                 "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).\n"
@@ -222,9 +237,11 @@ def base_config(path: Path):
     return CONFIG_MAPPING[base].from_dict(raw)
 
 
-def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, fuse: bool = True):
     """Rebuild an exported model: the base architecture with LowRankLinear layers, weights from safetensors.
-    bolaco.json is checked against the safetensors headers first, so an edited file gets a one-line error."""
+    bolaco.json is checked against the safetensors headers first, so an edited file gets a one-line error.
+    `fuse`: the down factors of the layers that read one input are stacked into one product (fuse_shared_inputs;
+    the same logits); turn it off for a model that will be trained or moved to another device after loading."""
     path = Path(path)
     weights = path / INDEX if (path / INDEX).is_file() else path / "model.safetensors"
     for f in (path / "bolaco.json", weights, path / "config.json"):
@@ -253,6 +270,8 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dt
     model.eval()
     if device:
         model.to(device)
+    if fuse:
+        fuse_shared_inputs(model, shared_input_groups(adapter, meta.ranks))
     # the base configuration: AutoTokenizer would otherwise ask to run the folder's modeling code
     tokenizer = AutoTokenizer.from_pretrained(path, config=config) if (path / "tokenizer_config.json").is_file() \
         else None
