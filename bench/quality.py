@@ -114,6 +114,7 @@ def main():
     ap.add_argument("--ft-sweep", action="store_true", help="also a short sweep of LoRA rank x learning rate")
     ap.add_argument("--ridges", type=float, nargs="*", default=[0.01, 1.0],
                     help="refit shrinkage values to compare on the uniform map, besides the study's")
+    ap.add_argument("--uniform-tasks", action="store_true", help="zero-shot tasks on the uniform row too")
     ap.add_argument("--storage", default="sqlite:///storage/bench.db")
     args = ap.parse_args()
     base = load_study(args.study)
@@ -135,7 +136,7 @@ def main():
         if data == "wiki":
             uniform = comp.budget.uniform(base.remove)
             comp.apply(uniform)
-            rows["uniform"] = [ev("uniform", ws.model, tasks=True)]
+            rows["uniform"] = [ev("uniform", ws.model, tasks=args.uniform_tasks)]
             for ridge in sorted(set(args.ridges) | {base.refit_ridge}):
                 ws.study = dataclasses.replace(ws.study, refit_ridge=ridge)
                 t = time.perf_counter()
@@ -206,7 +207,7 @@ def main():
         train_seqs = max(s for _, _, s in settings) * base.finetune.batch_size
         ft_rows = []
         for rank, lr, steps in settings:
-            model, _ = load_compressed(src)
+            model, _ = load_compressed(src, fuse=False)
             model, seconds, tokens = finetune(model, tokenizer, base, steps, lr, rank, False, train_seqs)
             tag = f"ft-r{rank}-lr{lr}-s{steps}"
             final = (rank, lr, steps) == settings[-1]

@@ -41,8 +41,36 @@ def cmd_compress(args) -> None:
     study = _study(args)
     ws = Workspace.open(study, device=args.device)
     comp = ws.compressor()
-    ranks = comp.budget.uniform(study.remove)
+    ranks = comp.budget.uniform(study.remove, study.search.dense)
     ws.export(comp, ranks, args.out or f"out/{study.name}-uniform", {"allocation": "uniform"})
+
+
+def cmd_speed(args) -> None:
+    from . import model as model_io
+    from .arch import adapter_for
+    from .decompose import make_budget
+    from .evaluate.speed import time_types
+    study = _study(args)
+    model, _ = model_io.load(study.model, dtype=study.dtype)       # for the shapes only
+    adapter = adapter_for(model)
+    ranks = make_budget(adapter, study.method, study.rank_multiple).uniform(study.remove, study.search.dense)
+    records = {r: {lid.split(".")[1]: (adapter.linears[lid].d_in, adapter.linears[lid].d_out, ranks[lid])
+                   for lid in lids if lid in ranks} for r, lids in adapter.block_records(0).items()}
+    device = args.device or "cpu"
+    timings = time_types({r: s for r, s in records.items() if s}, args.batch, device, getattr(torch, study.dtype))
+    print(f"block 0 at the uniform allocation of {study.remove:.0%} removed, batch {args.batch}, one token per row, "
+          f"{device}; microseconds per step of the projections that read one input:")
+    print(f"{'type':>8} {'rank':>6} {'all factorised':>15} {'this one dense':>15}  faster")
+    for t in timings:
+        print(f"{t.type:>8} {t.rank:>6} {t.factorised_us:>15.1f} {t.dense_us:>15.1f}  "
+              f"{'dense' if t.keep_dense else 'factorised'}")
+    dense = sorted(set(study.search.dense) | {t.type for t in timings if t.keep_dense},
+                   key=adapter.types.index)
+    if dense == sorted(study.search.dense, key=adapter.types.index):
+        print("every searched type is at least as fast factorised: nothing to change")
+    else:
+        print(f"keep dense for serving at batch {args.batch} here (the budget goes to the other types): "
+              f"--set 'search.dense=[{', '.join(dense)}]', or `dense: [{', '.join(dense)}]` in the study file")
 
 
 def cmd_export(args) -> None:
@@ -143,7 +171,7 @@ def cmd_finetune(args) -> None:
     if not (source / "bolaco.json").is_file():
         raise BolacoError(f"no exported bolaco model at {source}: run `make export` (the best trial) "
                           "or pass --from DIR")
-    model, tokenizer = load_compressed(source, device=args.device)
+    model, tokenizer = load_compressed(source, device=args.device, fuse=False)   # it will be trained
     meta = ExportMeta.read(source)
     roles = {"train": study.data.get("train", study.data.get("calibration")),
              **{r: study.data[r] for r in ("search", "test") if r in study.data}}
@@ -269,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                       cmd_compress)
     c.add_argument("--uniform", action="store_true", help="the same keep ratio for every linear")
     c.add_argument("--out", help="output folder (default out/<study>-uniform)")
+
+    v = study_command("speed", "time each projection type dense vs factorised at a serving batch size on this "
+                               "device, and name the types to keep dense (search.dense)", cmd_speed)
+    v.add_argument("--batch", type=int, default=1, help="rows per decoding step when serving (default 1)")
 
     x = study_command("export", "write the compressed model of the study's best trial (or of a rank map)",
                       cmd_export)

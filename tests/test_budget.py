@@ -72,3 +72,16 @@ def test_counts_equal_the_modules_of_a_real_model(family):
     dense_total = sum(p.numel() for name, p in adapter.model.named_parameters()
                       if any(name.startswith(li.path + ".") for li in adapter.linears.values()))
     assert budget.decomposable == dense_total
+
+
+def test_uniform_with_dense_types_spends_the_budget_on_the_others():
+    budget = Budget(smol_like_linears(), adds_bias=True, multiple=8)
+    ranks = budget.uniform(0.2, dense=("k", "v"))
+    assert {lid.split(".")[1] for lid in ranks} == {"q", "o", "gate", "up", "down"}
+    used, target = budget.params(ranks), budget.target(0.2)
+    assert used <= target and target - used < budget.min_step(ranks)
+    keeps = [budget.keep(lid, ranks) for lid in ranks]
+    assert max(keeps) - min(keeps) < 0.1
+    # the others keep less than at the plain uniform allocation: they pay for k and v
+    plain = budget.uniform(0.2)
+    assert all(ranks[lid] <= plain[lid] for lid in ranks) and sum(ranks.values()) < sum(plain[l] for l in ranks)

@@ -41,6 +41,10 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
     assert main(["surgical", *s]) == 0
     out = capsys.readouterr().out
     assert "covariance cache complete" in out and "best trial" in out and "surgical:" in out
+    assert main(["speed", *s]) == 0
+    speed = capsys.readouterr().out
+    assert all(f" {t} " in speed for t in ("q", "k", "v", "o", "gate", "up", "down")) and "batch 1" in speed
+    assert "search.dense=[" in speed or "nothing to change" in speed
     for name in ("s-uniform", "s", "s-surgical"):
         meta = json.loads((tmp_path / "out" / name / "bolaco.json").read_text())
         model, _ = load_compressed(tmp_path / "out" / name)

@@ -137,6 +137,8 @@ class Budget:
         steps = [s for s in (self._grow(lid, ranks) for lid in ranks) if s is not None]
         return min(steps) if steps else 0
 
-    def uniform(self, remove: float) -> RankMap:
-        """Every layer at the same keep ratio, meeting the budget within one rounding step."""
-        return self.fit({lid: 1.0 for lid in self.linears}, self.target(remove))
+    def uniform(self, remove: float, dense: tuple[str, ...] = ()) -> RankMap:
+        """Every layer at the same keep ratio, meeting the budget within one rounding step; the types in `dense`
+        stay dense, so the others give up their share."""
+        keeps = {lid: 1.0 for lid, li in self.linears.items() if li.type not in dense}
+        return self.fit(keeps, self.target(remove))
