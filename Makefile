@@ -15,12 +15,13 @@ PORT ?= 8080
 # extra flags for `bolaco eval`, e.g. EVAL_ARGS="--limit 50" or EVAL_ARGS=--full
 EVAL_ARGS ?=
 COMPARE ?=
+BATCH ?=
 # the URL reaches bolaco through the environment, not a command line (which `ps` shows to every user)
 ifneq ($(STORAGE),)
 export BOLACO_STORAGE := $(STORAGE)
 endif
 
-.PHONY: setup test lint collect compress study worker dashboard export finetune surgical eval report clean-cache
+.PHONY: setup test lint collect compress speed study worker dashboard export finetune surgical eval report clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ collect:
 
 compress:
 	$(BIN)/bolaco compress --study $(STUDY) --uniform $(if $(OUT),--out $(OUT))
+
+speed:
+	$(BIN)/bolaco speed --study $(STUDY) $(if $(BATCH),--batch $(BATCH))
 
 study:
 	$(BIN)/bolaco search --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS))

@@ -35,7 +35,7 @@ def test_records_are_timed_with_stacked_down_factors(monkeypatch):
     # q, k, v factorised: one stacked down product + three up products; with one member dense, two stacked
     # members (one product + two ups) and the dense one: the same count, so it stays factorised
     assert timings["q"].factorised_us == 4 and timings["k"].dense_us == 4 and not timings["k"].keep_dense
-    # o alone: two products factorised, one dense
+    # o alone: two products factorised, one dense (half the time: past the margin)
     assert timings["o"].factorised_us == 2 and timings["o"].dense_us == 1 and timings["o"].keep_dense
 
 

@@ -2,9 +2,9 @@
 
 Each record (the projections that read one input: q, k, v; gate, up) is timed as a decoding step sees it: one
 token per row, the low-rank members' down factors stacked (fuse_shared_inputs), first with every member
-factorised, then with each member dense in turn. A type is slower factorised when its record runs faster with
-that member dense. Random weights at block 0's shapes and the ranks of the allocation in question: the time of
-a product depends on shapes only."""
+factorised, then with each member dense in turn. A type is slower factorised when its record runs at least
+MARGIN faster with that member dense (repeated runs on a shared CPU differ by a few per cent). Random weights at
+block 0's shapes and the ranks of the allocation in question: the time of a product depends on shapes only."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from torch import nn
 from ..layers import LowRankLinear, fuse_shared_inputs
 
 
+MARGIN = 0.05
+
+
 @dataclass(frozen=True)
 class TypeTiming:
     type: str
@@ -26,7 +29,7 @@ class TypeTiming:
 
     @property
     def keep_dense(self) -> bool:
-        return self.dense_us < self.factorised_us
+        return self.dense_us < (1 - MARGIN) * self.factorised_us
 
 
 def _record(shapes: dict[str, tuple[int, int, int]], dense: str | None, device, dtype) -> nn.ModuleDict:
