@@ -147,11 +147,14 @@ def test_a_kill_inside_a_stage_resumes_to_the_identical_result(twin_studies, sta
 
 def test_ctrl_c_during_a_search_prints_one_line(twin_studies):
     cwd = twin_studies["clean"]
-    proc = _bolaco(cwd, ["search", "--trials", "3"])
+    # more trials than it can finish before the signal (a trial of the tiny model takes a fraction of a second,
+    # and a loaded machine may notice the first artifact late)
+    proc = _bolaco(cwd, ["search", "--trials", "500"])
     end = time.time() + 300
     while not list(cwd.glob("storage/artifacts/**/*")) and proc.poll() is None and time.time() < end:
         time.sleep(0.05)
     time.sleep(0.3)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
