@@ -27,23 +27,27 @@ def wrap_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 class SharedDown(nn.Module):
     """The down factors of the low-rank layers that read one input (q, k, v; gate, up), stacked into one matrix so
-    that the input is multiplied once. The product of the last input is kept until another input arrives: the
-    layers of a group are called one after the other on the same tensor. `weight` is a non-persistent buffer, so
-    the state dict still holds each layer's own `down.weight` (views of it)."""
+    that the input is multiplied once. The layers of a group are called one after the other on the same tensor:
+    the product is kept until each of the `members` has read it, then dropped, so no activation outlives the
+    block's forward. `weight` is a non-persistent buffer, so the state dict still holds each layer's own
+    `down.weight` (views of it)."""
 
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, members: int):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
-        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None   # (input, its version, product)
+        self.members = members
+        self._last: tuple[torch.Tensor, int, torch.Tensor, int] | None = None   # (input, version, product, reads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         version = -1 if x.is_inference() else x._version   # inference tensors keep no version counter
         last = self._last
         if last is None or last[0] is not x or last[1] != version:
-            last = self._last = (x, version, F.linear(x, cast(torch.Tensor, self._buffers["weight"])))
-        return last[2]
+            last = (x, version, F.linear(x, cast(torch.Tensor, self._buffers["weight"])), 0)
+        product, reads = last[2], last[3] + 1
+        self._last = None if reads >= self.members else (x, version, product, reads)
+        return product
 
 
 class LowRankLinear(nn.Module):
@@ -115,7 +119,7 @@ def fuse_shared_inputs(model: nn.Module, groups: list[list[str]]) -> int:
         if len(layers) < 2 or len(layers) != len(paths):
             continue
         stacked = torch.cat([m.down.weight.detach() for m in layers])
-        shared, start = SharedDown(stacked), 0
+        shared, start = SharedDown(stacked, len(layers)), 0
         for m in layers:
             rank = m.rank
             m.down.weight = nn.Parameter(stacked[start:start + rank], requires_grad=m.down.weight.requires_grad)

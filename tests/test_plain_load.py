@@ -13,7 +13,7 @@ import torch
 import bolaco
 from bolaco.errors import BolacoError
 from bolaco.export import export
-from bolaco.layers import LowRankLinear
+from bolaco.layers import LowRankLinear, SharedDown
 from conftest import FAMILIES, tiny_model, uniform_compressor
 
 PLAIN = r"""
@@ -130,6 +130,8 @@ def test_fused_and_unfused_down_factors_give_the_same_logits(family, tmp_path):
             products.clear()
             logits[name] = model(input_ids=ids).logits
             logits[name + " products"] = len(products)
+    # every stacked product was read by all its members and dropped: nothing is held after the forward
+    assert all(m._last is None for m in fused.modules() if isinstance(m, SharedDown))
     saved = sum(len(g) - 1 for g in groups)
     assert logits["unfused products"] - logits["fused products"] == saved
     # q, k, v and gate, up read one input each (phi3's are fused projections already; MoE MLPs stay dense)
