@@ -13,7 +13,8 @@ the dense model is clearly above chance (first --limit rows). Task columns are m
 best has the median search value. Data roles (sequence ranges at seq_len 256, all disjoint):
   wiki: calibration WikiText-2 valid [0:128], search valid [-32:]
   mix:  calibration WikiText-2 valid [0:64] + C4 [-80:-16], search valid [-16:] + C4 [-16:]
-  post-training: C4 [64:64+N]; reported C4 perplexity: C4 [0:64] (same source, other documents: marked)
+  post-training: the study's train role (C4 [64:1264]); reported C4 perplexity: C4 [0:64] (same source, other
+  documents: marked)
 BO studies resume from storage/bench.db (the wiki-ppl variant is bench/search.py's study of the same config and
 seed); evaluations are cached in storage/bench-quality/.
 """
@@ -87,13 +88,17 @@ def bo_best(ws, comp, base, variant: str, config: str, seed: int, trials: int, s
     return {k: int(v) for k, v in best.user_attrs["ranks"].items()}, best.user_attrs["search_ppl"]
 
 
-def finetune(model, tokenizer, base, steps: int, lr: float, rank: int, dense: bool, train_seqs: int):
+def finetune(model, tokenizer, base, tag: str, steps: int, lr: float, rank: int, distill: float = 0.0, teacher=None):
+    """LoRA on the study's train role (what `bolaco finetune` reads); tag names the model (row and seed, or
+    "dense") in the checkpoint folder."""
+    dense = tag == "dense"
     cfg = dataclasses.replace(base.finetune, steps=steps, lr=lr, lora_r=rank, lora_alpha=2 * rank, warmup=steps // 20,
-                              variant="lora", checkpoint_every=max(25, steps // 4))
-    train = role_sequences({"train": RoleSpec("c4-valid", 64, train_seqs)}, tokenizer, base.seq_len)["train"]
-    key = f"{'dense' if dense else 'compressed'}-{steps}-{lr}-{rank}-{train_seqs}"
+                              variant="lora", checkpoint_every=max(25, steps // 4), distill=distill)
+    spec = base.data["train"]
+    train = role_sequences({"train": spec}, tokenizer, base.seq_len)["train"]
+    key = f"{tag}-{steps}-{lr}-{rank}-{spec}" + (f"-kd{distill}" if distill else "")
     t = time.perf_counter()
-    tuner = SubspaceTuner(model, cfg, dense=dense)
+    tuner = SubspaceTuner(model, cfg, teacher=teacher, dense=dense)
     tuner.fit(train, checkpoint=CACHE / "finetune" / key)
     return tuner.merge(), time.perf_counter() - t, steps * cfg.batch_size * base.seq_len
 
@@ -112,6 +117,9 @@ def main():
     ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-rank", type=int, default=8)
     ap.add_argument("--ft-sweep", action="store_true", help="also a short sweep of LoRA rank x learning rate")
+    ap.add_argument("--ft-distill", type=float, default=0.0,
+                    help="> 0: also the same LoRA with this weight x KL(dense || model) added to the loss")
+    ap.add_argument("--ft-row", help="the row to post-train (default: the best BO row by the geometric mean)")
     ap.add_argument("--ridges", type=float, nargs="*", default=[0.01, 1.0],
                     help="refit shrinkage values to compare on the uniform map, besides the study's")
     ap.add_argument("--uniform-tasks", action="store_true", help="zero-shot tasks on the uniform row too")
@@ -197,33 +205,40 @@ def main():
         print_table("Refit cost on this CPU (calibration 128 x 256 tokens)", ["step", "seconds", "x forward"], costs)
 
     if args.ft_steps:
-        variant, seed, ranks, ws, comp, refit = chosen[best]
+        row = args.ft_row or best
+        variant, seed, ranks, ws, comp, refit = chosen[row]
         comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
-        src = export(ws.model, ws.tokenizer, ranks, CACHE / "best", {"method": base.method, "row": best})
+        src = export(ws.model, ws.tokenizer, ranks, CACHE / "best", {"method": base.method, "row": row})
         comp.restore()
-        settings = [(args.ft_rank, args.ft_lr, args.ft_steps)]
+        settings = [(args.ft_rank, args.ft_lr, args.ft_steps, 0.0)]
         if args.ft_sweep:
-            settings = [(r, lr, max(50, args.ft_steps // 4)) for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)] + settings
-        train_seqs = max(s for _, _, s in settings) * base.finetune.batch_size
+            settings = [(r, lr, max(50, args.ft_steps // 4), 0.0)
+                        for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)] + settings
+        if args.ft_distill:
+            settings.append((args.ft_rank, args.ft_lr, args.ft_steps, args.ft_distill))
+        model_tag = f"{variant}-s{seed}{'-refit' if refit else ''}"
         ft_rows = []
-        for rank, lr, steps in settings:
+        for rank, lr, steps, distill in settings:
             model, _ = load_compressed(src, fuse=False)
-            model, seconds, tokens = finetune(model, tokenizer, base, steps, lr, rank, False, train_seqs)
-            tag = f"ft-r{rank}-lr{lr}-s{steps}"
-            final = (rank, lr, steps) == settings[-1]
+            teacher = model_io.load(base.model)[0] if distill else None
+            model, seconds, tokens = finetune(model, tokenizer, base, model_tag, steps, lr, rank, distill, teacher)
+            del teacher
+            tag = f"ft-{model_tag}-r{rank}-lr{lr}-s{steps}" + (f"-kd{distill}" if distill else "")
+            final = steps == args.ft_steps and rank == args.ft_rank and lr == args.ft_lr
             r = ev(tag, model, tasks=final)
-            ft_rows.append([f"{best} + LoRA (r {rank}, lr {lr}, {steps} steps)", tokens, f"{seconds:.0f}",
+            how = f"r {rank}, lr {lr}, {steps} steps" + (f", distill {distill}" if distill else "")
+            ft_rows.append([f"{row} + LoRA ({how})", tokens, f"{seconds:.0f}",
                             *(f"{r[c] / dense_row[c]:.2f}" if c in r else "-" for c in columns)])
-            if final:
+            if final and not distill:
                 dmodel, _ = model_io.load(base.model)
-                dmodel, dseconds, _ = finetune(dmodel, tokenizer, base, steps, lr, rank, True, train_seqs)
+                dmodel, dseconds, _ = finetune(dmodel, tokenizer, base, "dense", steps, lr, rank)
                 d = ev(f"dense-ft-r{rank}-lr{lr}-s{steps}", dmodel, tasks=True)
                 ft_rows.append([f"dense + the same LoRA (r {rank}, lr {lr}, {steps} steps)", tokens, f"{dseconds:.0f}",
                                 *(f"{d[c] / dense_row[c]:.2f}" for c in columns)])
                 ft_rows.append(["compressed + LoRA relative to dense + LoRA", "-", "-",
                                 *(f"{r[c] / d[c]:.2f}" for c in columns)])
-        print_table(f"Post-training on C4 [64:{64 + train_seqs}] (general web text; the reported C4 column is the same "
-                    "source, other documents), ratios to the dense model without post-training",
+        print_table(f"Post-training on the study's train role {base.data['train']} (general web text; the reported C4 "
+                    "column is the same source, other documents), ratios to the dense model without post-training",
                     ["model", "training tokens", "seconds", *columns], ft_rows)
     Path("storage/bench-quality/summary.json").write_text(json.dumps({"dense": dense_row, "rows": rows}, indent=1))
 
