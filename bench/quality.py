@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from bolaco import evaluate
 from bolaco import search
 from bolaco import model as model_io
-from bolaco.data import RoleSpec, role_sequences
+from bolaco.data import RoleSpec, describe, role_sequences
 from bolaco.export import export, load_compressed
 from bolaco.finetune import SubspaceTuner
 from bolaco.evaluate.perplexity import perplexity
@@ -237,8 +237,9 @@ def main():
                                 *(f"{d[c] / dense_row[c]:.2f}" for c in columns)])
                 ft_rows.append(["compressed + LoRA relative to dense + LoRA", "-", "-",
                                 *(f"{r[c] / d[c]:.2f}" for c in columns)])
-        print_table(f"Post-training on the study's train role {base.data['train']} (general web text; the reported C4 "
-                    "column is the same source, other documents), ratios to the dense model without post-training",
+        print_table(f"Post-training on the study's train role {describe(base.data['train'])} (general web text; the "
+                    "reported C4 column is the same source, other documents), ratios to the dense model without "
+                    "post-training",
                     ["model", "training tokens", "seconds", *columns], ft_rows)
     Path("storage/bench-quality/summary.json").write_text(json.dumps({"dense": dense_row, "rows": rows}, indent=1))
 
