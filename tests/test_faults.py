@@ -156,7 +156,14 @@ def test_ctrl_c_during_a_search_prints_one_line(twin_studies):
     time.sleep(0.3)
     assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"no exit 120 s after Ctrl-C; its threads:\n{err[-6000:]}") from None
     assert proc.returncode == 130, out + err
     lines = [l for l in err.splitlines() if l.strip() and "|" not in l]   # progress bars aside
     assert "Traceback" not in err and lines[-1].startswith("bolaco: interrupted"), err

@@ -223,6 +223,23 @@ def test_a_proposal_that_repeats_a_stored_allocation_is_replaced(tmp_path, monke
     assert len(set(finished_allocations(opt))) == 4
 
 
+def test_a_proposal_gives_way_to_a_later_trial_that_recorded_the_same_map_first(tmp_path):
+    """The interleaving two loaded workers produced: trial 1 records a map and finds no twin, then trial 0 records
+    the same map. Trial 0 must give way, or both are evaluated."""
+    import optuna
+    from types import SimpleNamespace
+    from bolaco.search.worker import Worker
+    opt = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    first, second = opt.ask(), opt.ask()
+    ranks = {"0.q": 8, "0.k": 4}
+    second.set_user_attr("ranks", ranks)
+    assert Worker._twin(SimpleNamespace(opt=opt), second, ranks) is None
+    first.set_user_attr("ranks", dict(reversed(ranks.items())))
+    assert Worker._twin(SimpleNamespace(opt=opt), first, ranks) == second.number
+    opt.tell(second, state=TrialState.FAIL)   # a failed trial's map may be proposed again
+    assert Worker._twin(SimpleNamespace(opt=opt), first, ranks) is None
+
+
 def test_proposing_ahead_evaluates_distinct_trials(tmp_path):
     ws, comp = tiny_workspace(tmp_path, startup=2)
     opt = search.run(ws, comp, create=True, trials=6, artifacts=None, prefetch=True)

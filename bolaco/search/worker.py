@@ -209,7 +209,8 @@ class _Heartbeat:
 
     def stop(self):
         self._stop.set()
-        self._thread.join()
+        # bounded: after a Ctrl-C the thread may be inside a storage call; it is a daemon and dies with the process
+        self._thread.join(timeout=HEARTBEAT_SECONDS)
 
 
 def finished(opt: optuna.Study) -> int:
@@ -241,21 +242,25 @@ class Worker:
                         "seconds_sampling": round(time.perf_counter() - t, 3)}
             for k, v in {**info, "ranks": ranks, "worker": self.who}.items():
                 trial.set_user_attr(k, v)
-            twin = self._earlier_twin(trial, ranks) if info["proposal"] not in ("retry", "uniform") else None
+            twin = self._twin(trial, ranks) if info["proposal"] not in ("retry", "uniform") else None
             if twin is None:
                 return trial, ranks, info
-            # two workers proposed at the same moment: the later trial gives way
+            # a map already stored or being evaluated (two workers proposed it at the same moment): give way
             trial.set_user_attr("duplicate_of", twin)
             self.opt.tell(trial, state=TrialState.FAIL)
             self.heart.release(trial._trial_id)
         raise BolacoError("five proposals in a row duplicated stored trials: the search space is exhausted "
                           "at this rank multiple; lower decompose.rank_multiple or search more variables")
 
-    def _earlier_twin(self, trial, ranks) -> int | None:
+    def _twin(self, trial, ranks) -> int | None:
+        """Another live or finished trial with this rank map. Every worker records its ranks before it looks, so
+        of two workers proposing one map at the same moment the one that looks second sees the other (both may:
+        then both give way). Looking only at lower-numbered trials is not enough: the lower number may record its
+        ranks after the higher one has looked."""
         key = _ranks_key(ranks)
         for other in self.opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                   TrialState.RUNNING)):
-            if other.number < trial.number and "ranks" in other.user_attrs \
+            if other.number != trial.number and "ranks" in other.user_attrs \
                     and _ranks_key(other.user_attrs["ranks"]) == key:
                 return other.number
         return None

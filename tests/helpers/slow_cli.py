@@ -20,6 +20,9 @@ def _slow(owner, name):
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # a test that times out asks for every stack
     import bolaco.evaluate.perplexity
     import bolaco.evaluate.runner
     import bolaco.export.writer
