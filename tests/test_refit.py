@@ -46,18 +46,17 @@ def _reference(x, t, w, b, rank, centred):
 
 
 @pytest.mark.parametrize("centred", [True, False])
-@pytest.mark.parametrize("rank", [2, 5, None])
+@pytest.mark.parametrize("rank", [2, 5, 7])
 def test_closed_form_equals_explicit_least_squares(centred, rank):
     x, t, w, b = _paired()
     stats = _stats(x, t)
     got = fit_linear(w, b, stats, rank, centred, ridge=0.0)
-    ref_w, ref_b = _reference(x.float().double(), t.float().double(), w, b, rank or w.shape[0], centred)
-    mat = got["weight"] if rank is None else got["up"] @ got["down"]
+    ref_w, ref_b = _reference(x.float().double(), t.float().double(), w, b, rank, centred)
+    mat = got["up"] @ got["down"]
     # float64 sums of float32 chunk products: agreement to float32 precision
     assert torch.allclose(mat, ref_w, atol=2e-4, rtol=2e-4)
     assert torch.allclose(got["bias"], ref_b if centred else b, atol=2e-4)
-    if rank is not None:
-        assert torch.allclose(got["up"].T @ got["up"], torch.eye(rank, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(got["up"].T @ got["up"], torch.eye(rank, dtype=torch.float64), atol=1e-9)
 
 
 def test_with_the_dense_inputs_it_is_the_open_loop_centred_method():
@@ -70,8 +69,8 @@ def test_with_the_dense_inputs_it_is_the_open_loop_centred_method():
         assert torch.allclose(got["up"] @ got["down"], qk @ qk.T @ w, atol=1e-5)
         expected_bias = (torch.eye(7, dtype=torch.float64) - qk @ qk.T) @ (w @ stats.mean_x + b) + qk @ qk.T @ b
         assert torch.allclose(got["bias"], expected_bias, atol=1e-5)
-    full = fit_linear(w, b, stats, None, True, ridge=0.0)       # and a dense layer is left as it was
-    assert torch.allclose(full["weight"], w, atol=1e-6) and torch.allclose(full["bias"], b, atol=1e-5)
+    full = fit_linear(w, b, stats, 7, True, ridge=0.0)       # and at full rank the layer is the dense one
+    assert torch.allclose(full["up"] @ full["down"], w, atol=1e-6) and torch.allclose(full["bias"], b, atol=1e-5)
 
 
 def _calibration(seed=4, n=8):
@@ -118,7 +117,7 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     for ridge in (0.1, 1e-4):    # the default shrinkage towards the dense layer, and almost pure regression
         layers = refit(comp, ranks, calibration, centred=centred, ridge=ridge, batch_size=4,
                        cache_root=tmp_path / "refit", progress=False)
-        assert {l for l in layers if isinstance(layers[l], LowRankLinear)} == set(ranks)
+        assert set(layers) == set(ranks) and all(isinstance(m, LowRankLinear) for m in layers.values())
         assert all(layers[l].rank == k for l, k in ranks.items())
         comp.apply(ranks, layers)
         refitted = _block_outputs(model, adapter, calibration)

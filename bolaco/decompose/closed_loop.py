@@ -4,8 +4,9 @@ Open-loop factors are fitted to the dense model's inputs; at serving time every 
 *compressed* model, and the errors add up over depth. The refit walks the blocks in order with two streams of
 calibration hidden states: the dense model's (x) and the compressed model's (x~, earlier blocks already
 refitted). Inside a block the records are refitted in order (q/k/v, then o, then gate/up, then down), each from
-the inputs that the layers refitted before it produce, so every linear maps the inputs it will really see to
-the dense layer's outputs.
+the inputs that the layers refitted before it produce, so every low-rank linear maps the inputs it will really
+see to the dense layer's outputs. The layers the rank map keeps dense stay as they are: refitting them too (a
+full-rank regression on the compressed inputs) raised held-out perplexity on every corpus (bench/quality.py).
 
 For y = W x + b, with C = Cov(x, x~) and S = Cov(x~), the regression is shrunk towards the dense layer:
 W* = argmin E||W x - W' x~||^2 + lam ||W' - W||^2 = W (C + lam I)(S + lam I)^-1, lam = ridge x the mean input
@@ -13,8 +14,6 @@ variance. With x~ = x it is W for every lam; directions in which x~ barely varie
 being amplified by S^-1 (which, fitted on one domain, hurts perplexity on others). With S + lam I = L L^T:
 - rank k (reduced-rank regression): Q_k = top-k eigenvectors of W* S W*^T, the covariance of the fitted outputs
   W* x~; down = Q_k^T W*, up = Q_k, bias = W mu + b - up down mu~ (the output mean is kept exactly);
-- a layer that stays dense gets the full-rank W* (and the bias term only if it had a bias, so that the
-  parameter count does not change);
 - uncentred variant (methods without a bias term): second moments in place of covariances, bias b unchanged.
 With x~ = x and no ridge this is the open-loop centred method. Statistics are float64 sums of float32 chunk
 products; the cost is one dense pass and about 2.6 passes of the compressed block per block. The refitted
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import cast
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +35,12 @@ from ..arch import Adapter, parse_linear_id
 from .budget import RankMap
 from ..calibrate import cache_key, gram
 from .bases import input_root, left_singular
-from ..layers import LowRankLinear, wrap_linear
+from ..layers import LowRankLinear
 from ..errors import BolacoError
 from ..store import BlockStore, key_hash
 from ..calibrate import capture_block_inputs, execution_device, on_device, run_block
 
-REFIT_FORMAT = 2
+REFIT_FORMAT = 3   # 3: dense layers are no longer refitted
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,9 @@ class PairAccumulator:
                          self.sxt / self.n - torch.outer(mx, mt), (cov_t + cov_t.T) / 2, self.n)
 
 
-def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats, rank: int | None,
+def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats, rank: int,
                centred: bool, ridge: float) -> dict[str, torch.Tensor]:
-    """The refitted layer in float64: {down, up, bias} at `rank`, or {weight, bias} (full rank) when rank is
-    None. `bias` is absent from the result when the layer gets none."""
+    """The refitted layer in float64: {down, up, bias} at `rank`; `bias` is absent when the layer gets none."""
     w = weight.to(stats.cross.device, torch.float64)
     b = None if bias is None else bias.to(w)
     if centred:
@@ -114,12 +111,6 @@ def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats
     bmat = torch.linalg.solve_triangular(root, (w @ a + lam * w).T, upper=False).T
     w_star = torch.linalg.solve_triangular(root.T, bmat.T, upper=True).T           # B L^-1 = W (A + lam I) S^-1
     out_mean = (w @ stats.mean_x + (b if b is not None else 0)) if centred else None
-    if rank is None:
-        if centred and b is not None:
-            return {"weight": w_star, "bias": out_mean - w_star @ stats.mean_t}
-        if centred:   # no bias to keep the mean with: the uncentred optimum instead (same parameter count)
-            return fit_linear(weight, None, stats, None, False, ridge)
-        return {"weight": w_star, **({"bias": b} if b is not None else {})}
     # the principal directions of the fitted outputs W* x~, whose covariance is W* S W*^T (S without the ridge)
     q = left_singular(w_star @ input_root(s))[0][:, :rank]
     down = q.T @ w_star
@@ -131,21 +122,15 @@ def fit_linear(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairStats
     return result
 
 
-def _module(parts: dict[str, torch.Tensor], dense: nn.Linear, dense_bias: bool) -> nn.Module:
+def _module(parts: dict[str, torch.Tensor], dense: nn.Linear, dense_bias: bool) -> LowRankLinear:
     dt, dev = dense.weight.dtype, dense.weight.device
-    cast = {k: v.to(dev, dt).contiguous() for k, v in parts.items()}
-    if "weight" in cast:
-        return wrap_linear(cast["weight"], cast.get("bias"))
-    return LowRankLinear.from_factors(cast["down"], cast["up"], cast.get("bias"), dense_bias=dense_bias)
+    t = {k: v.to(dev, dt).contiguous() for k, v in parts.items()}
+    return LowRankLinear.from_factors(t["down"], t["up"], t.get("bias"), dense_bias=dense_bias)
 
 
-def _parts_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    if isinstance(module, LowRankLinear):
-        parts = {"down": module.down.weight, "up": module.up.weight}
-        bias = module.up.bias
-    else:
-        linear = cast(nn.Linear, module)
-        parts, bias = {"weight": linear.weight}, linear.bias
+def _parts_of(module: LowRankLinear) -> dict[str, torch.Tensor]:
+    parts = {"down": module.down.weight, "up": module.up.weight}
+    bias = module.up.bias
     if bias is not None:
         parts["bias"] = bias
     return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
@@ -163,8 +148,8 @@ class _Stop(Exception):
 def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 0.1,
           batch_size: int = 8, cache_root: str | Path | None = None, device: str | torch.device | None = None,
           progress: bool = True) -> dict[str, nn.Module]:
-    """Refitted layers {linear id: module} for `ranks` (low-rank ones, and dense ones whose inputs changed),
-    fitted on `calibration` (N, seq_len); apply them with `comp.apply(ranks, refitted)`. The model is dense
+    """Refitted low-rank layers {linear id: module} for `ranks`, fitted on `calibration` (N, seq_len); apply them
+    with `comp.apply(ranks, refitted)`. The model is dense
     again on return. With `cache_root`, finished blocks are cached and a rerun resumes."""
     adapter: Adapter = comp.adapter
     model = adapter.model
@@ -174,7 +159,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     if cache_root is not None:
         key = refit_key(model, calibration, ranks, centred, ridge)
         store = BlockStore(Path(cache_root) / f"refit-{key_hash(key)}", key, adapter.n_blocks, "refit")
-    refitted: dict[str, nn.Module] = {}
+    refitted: dict[str, LowRankLinear] = {}
     if store is not None and store.complete:   # all cached: nothing to run
         for b in range(adapter.n_blocks):
             refitted.update(_read_block(store, b, comp))
@@ -208,13 +193,13 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                     else:
                         tensors = {}
                         for r in adapter.record_names:
-                            lids = [l for l in records[r] if l in ranks or changed]
+                            lids = [l for l in records[r] if l in ranks]
                             if not lids:
                                 continue
                             stats = _pair_stats(adapter, block, records[r][0], comp_h, kwargs, dense_in[r], device)
                             for lid in lids:
                                 dense = comp.dense(lid)
-                                parts = fit_linear(dense.weight, dense.bias, stats, ranks.get(lid), centred, ridge)
+                                parts = fit_linear(dense.weight, dense.bias, stats, ranks[lid], centred, ridge)
                                 refitted[lid] = _module(parts, dense, adapter.linears[lid].bias)
                                 comp.install(lid, refitted[lid])
                                 tensors.update({f"{parse_linear_id(lid)[1]}.{k}": v
@@ -231,7 +216,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
     return refitted
 
 
-def _read_block(store: BlockStore, block: int, comp) -> dict[str, nn.Module]:
+def _read_block(store: BlockStore, block: int, comp) -> dict[str, LowRankLinear]:
     """The cached refitted layers of `block`, as modules."""
     adapter, saved = comp.adapter, store.read(block)
     out = {}
