@@ -86,7 +86,9 @@ class SearchConfig:
     kl_weight: float = bounded(1.0, ge=0)
     pruner: Pruner = "none"
     prefetch: bool | Literal["auto"] = "auto"   # propose the next trial while one evaluates; auto: on a GPU
-    refit: bool = False              # closed-loop refit inside every trial (costs ~4 calibration passes; GPU)
+    refit: bool = False              # closed-loop refit inside every trial (costs ~2 calibration passes; GPU)
+    # calibration sequences the per-trial refit reads, evenly spaced over the role (0: all of them)
+    refit_sequences: int = bounded(0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,14 @@ class Workspace:
         return {role: perplexity(self.model, self.data[role], self.study.batch_size, desc=role).ppl
                 for role in roles if role in self.data}
 
-    def refit(self, comp: Compressor, ranks: RankMap, cache: bool = True, progress: bool = True) -> dict:
-        """Closed-loop refitted layers of `ranks` on the calibration data (bolaco.refit), cached per rank map."""
-        return refit(comp, ranks, self.data["calibration"], centred=adds_bias(self.study.method),
+    def refit(self, comp: Compressor, ranks: RankMap, cache: bool = True, progress: bool = True,
+              sequences: int = 0) -> dict:
+        """Closed-loop refitted layers of `ranks` on the calibration data (bolaco.refit), cached per rank map;
+        `sequences` > 0: on that many calibration sequences, evenly spaced (every part of a mixture)."""
+        calibration = self.data["calibration"]
+        if 0 < sequences < len(calibration):
+            calibration = calibration[torch.linspace(0, len(calibration) - 1, sequences).round().long()]
+        return refit(comp, ranks, calibration, centred=adds_bias(self.study.method),
                      ridge=self.study.refit_ridge, batch_size=self.study.batch_size,
                      cache_root=Path(self.study.cache_dir) / "refit" if cache else None, device=self.device,
                      progress=progress)

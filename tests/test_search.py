@@ -283,18 +283,26 @@ def test_every_family_runs_a_search_and_its_parameter_count_is_exact(family, tmp
         comp.restore()
 
 
-def test_a_trial_can_refit_its_allocation(tmp_path):
-    """search.refit: each trial evaluates the closed-loop refitted factors of its rank map (a GPU option)."""
+def test_a_trial_can_refit_its_allocation(tmp_path, monkeypatch):
+    """search.refit: each trial evaluates the closed-loop refitted factors of its rank map, fitted on
+    search.refit_sequences calibration sequences spread over the role."""
+    import bolaco.workspace as workspace_module
     ws, comp = tiny_workspace(tmp_path, sampler="random", trials=2)
     plain = search.run(ws, comp, create=True, trials=2, artifacts=None)
     ws.study = ws.study.with_overrides(name="refit", search=SearchConfig(**{**ws.study.search.__dict__,
-                                                                            "refit": True}))
+                                                                            "refit": True, "refit_sequences": 3}))
+    seen, real = [], workspace_module.refit
+    monkeypatch.setattr(workspace_module, "refit", lambda c, r, calibration, **kw: seen.append(calibration) or real(
+        c, r, calibration, **kw))
     refitted = search.run(ws, comp, create=True, trials=2, artifacts=None)
+    monkeypatch.undo()
+    calibration = ws.data["calibration"]                               # 8 sequences: rows 0, 4 (3.5) and 7
+    assert len(seen) == 2 and all(torch.equal(c, calibration[[0, 4, 7]]) for c in seen)
     for a, b in zip(plain.trials, refitted.trials):
         assert a.user_attrs["ranks"] == b.user_attrs["ranks"]         # same seeds, same allocations
         assert b.value != a.value
         ranks = b.user_attrs["ranks"]                                  # the value is that of the refitted factors
-        comp.apply(ranks, ws.refit(comp, ranks, cache=False, progress=False))
+        comp.apply(ranks, ws.refit(comp, ranks, cache=False, progress=False, sequences=3))
         try:
             expected = perplexity.perplexity(ws.model, ws.data["search"], ws.study.batch_size).nll
         finally:

@@ -144,8 +144,10 @@ class Objective:
         """(objective value, the user attrs it recorded)."""
         try:
             t = time.perf_counter()
-            if self.ws.study.search.refit:   # closed-loop refit per trial (a few calibration passes)
-                self.comp.apply(ranks, self.ws.refit(self.comp, ranks, cache=False, progress=False))
+            search = self.ws.study.search
+            if search.refit:   # closed-loop refit per trial (about two passes of its calibration sequences)
+                self.comp.apply(ranks, self.ws.refit(self.comp, ranks, cache=False, progress=False,
+                                                     sequences=search.refit_sequences))
             else:
                 self.comp.apply(ranks)
             applied = time.perf_counter() - t
