@@ -147,7 +147,7 @@ class _Stop(Exception):
 
 def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 0.1,
           batch_size: int = 8, cache_root: str | Path | None = None, device: str | torch.device | None = None,
-          progress: bool = True) -> dict[str, nn.Module]:
+          progress: bool = True) -> dict[str, LowRankLinear]:
     """Refitted low-rank layers {linear id: module} for `ranks`, fitted on `calibration` (N, seq_len); apply them
     with `comp.apply(ranks, refitted)`. The model is dense
     again on return. With `cache_root`, finished blocks are cached and a rerun resumes."""
