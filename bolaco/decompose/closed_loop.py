@@ -18,6 +18,12 @@ being amplified by S^-1 (which, fitted on one domain, hurts perplexity on others
 With x~ = x and no ridge this is the open-loop centred method. Statistics are float64 sums of float32 chunk
 products; the cost is one dense pass and about 2.6 passes of the compressed block per block. The refitted
 layers are cached per block under a key of (model, calibration, rank map, variant, ridge) and resume.
+
+A regression fitted on a few thousand tokens can fit them and miss the rest: on some rank maps (up compressed
+beside a dense gate, a massive attention-sink activation in the stream) it lowered every block's calibration
+error and multiplied held-out perplexity a hundredfold. So every 8th calibration sequence is held out, and a
+block whose refitted output is further from the dense block's on those sequences than its open-loop output
+keeps its open-loop factors (an eighth of a compressed block pass more).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from ..errors import BolacoError
 from ..store import BlockStore, key_hash
 from ..calibrate import capture_block_inputs, execution_device, on_device, run_block
 
-REFIT_FORMAT = 3   # 3: dense layers are no longer refitted
+REFIT_FORMAT = 4   # 3: dense layers are no longer refitted; 4: held-out sequences can keep a block open-loop
+HOLDOUT = 8        # every 8th calibration sequence judges the refit instead of fitting it
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,9 @@ def _parts_of(module: LowRankLinear) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in parts.items()}
 
 
-def refit_key(model, calibration: torch.Tensor, ranks: RankMap, centred: bool, ridge: float) -> dict:
+def refit_key(model, calibration: torch.Tensor, ranks: RankMap, centred: bool, ridge: float, holdout: int) -> dict:
     return {"base": cache_key(model, calibration, 1), "centred": centred, "ridge": ridge, "format": REFIT_FORMAT,
+            "holdout": holdout,
             "ranks": hashlib.sha256(json.dumps(sorted(ranks.items())).encode()).hexdigest()}
 
 
@@ -147,25 +155,32 @@ class _Stop(Exception):
 
 def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge: float = 0.1,
           batch_size: int = 8, cache_root: str | Path | None = None, device: str | torch.device | None = None,
-          progress: bool = True) -> dict[str, LowRankLinear]:
+          progress: bool = True, holdout: int = HOLDOUT) -> dict[str, LowRankLinear]:
     """Refitted low-rank layers {linear id: module} for `ranks`, fitted on `calibration` (N, seq_len); apply them
-    with `comp.apply(ranks, refitted)`. The model is dense
-    again on return. With `cache_root`, finished blocks are cached and a rerun resumes."""
+    with `comp.apply(ranks, refitted)`. Every `holdout`-th sequence is held out (when N >= 2 x holdout; 0: none):
+    a block whose refitted output is further from the dense block's on those sequences than its open-loop
+    output keeps its open-loop factors (it is absent from the result). The model is dense again on return.
+    With `cache_root`, finished blocks are cached and a rerun resumes."""
     adapter: Adapter = comp.adapter
     model = adapter.model
     comp.restore()
     device = execution_device(model, device)
     store = None
     if cache_root is not None:
-        key = refit_key(model, calibration, ranks, centred, ridge)
+        key = refit_key(model, calibration, ranks, centred, ridge, holdout)
         store = BlockStore(Path(cache_root) / f"refit-{key_hash(key)}", key, adapter.n_blocks, "refit")
     refitted: dict[str, LowRankLinear] = {}
     if store is not None and store.complete:   # all cached: nothing to run
         for b in range(adapter.n_blocks):
             refitted.update(_read_block(store, b, comp))
         return refitted
-    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    held = (torch.arange(len(calibration)) % holdout == holdout - 1) if holdout and len(calibration) >= 2 * holdout \
+        else torch.zeros(len(calibration), dtype=torch.bool)
+    fit_rows, held_rows = calibration[~held], calibration[held]
+    batches = [rows[i:i + batch_size] for rows in (fit_rows, held_rows) for i in range(0, len(rows), batch_size)]
+    n_fit = -(-len(fit_rows) // batch_size)   # batches[:n_fit] fit the layers, the rest judge them
     changed = False          # whether the compressed stream differs from the dense one yet
+    kept_open = 0
     bar = tqdm(total=adapter.n_blocks, desc="refit", unit="block", disable=not progress)
     try:
         with torch.inference_mode():
@@ -174,6 +189,7 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
             for b, block in enumerate(adapter.blocks):
                 kwargs = block_kwargs[b]
                 records = adapter.block_records(b)
+                lowrank = [l for r in adapter.record_names for l in records[r] if l in ranks]
                 with on_device(model, block, device):
                     # the dense block: its output and the inputs of its four records
                     dense_in: dict[str, list[torch.Tensor]] = {r: [] for r in adapter.record_names}
@@ -185,35 +201,58 @@ def refit(comp, ranks: RankMap, calibration: torch.Tensor, centred: bool, ridge:
                         for h in hooks:
                             h.remove()
                     if store is not None and store.has(b):
-                        cached = _read_block(store, b, comp)
-                        for lid, module in cached.items():
-                            comp.install(lid, module)
-                        refitted.update(cached)
-                        changed |= bool(cached)
+                        fitted = _read_block(store, b, comp)
                     else:
-                        tensors = {}
+                        fitted = {}
                         for r in adapter.record_names:
                             lids = [l for l in records[r] if l in ranks]
                             if not lids:
                                 continue
-                            stats = _pair_stats(adapter, block, records[r][0], comp_h, kwargs, dense_in[r], device)
+                            stats = _pair_stats(adapter, block, records[r][0], comp_h[:n_fit], kwargs[:n_fit],
+                                                dense_in[r][:n_fit], device)
                             for lid in lids:
                                 dense = comp.dense(lid)
                                 parts = fit_linear(dense.weight, dense.bias, stats, ranks[lid], centred, ridge)
-                                refitted[lid] = _module(parts, dense, adapter.linears[lid].bias)
-                                comp.install(lid, refitted[lid])
-                                tensors.update({f"{parse_linear_id(lid)[1]}.{k}": v
-                                                for k, v in _parts_of(refitted[lid]).items()})
-                                changed = True
+                                fitted[lid] = _module(parts, dense, adapter.linears[lid].bias)
+                                comp.install(lid, fitted[lid])
+                        if fitted and n_fit < len(batches) and _worse_than_open_loop(
+                                block, comp, ranks, fitted, comp_h[n_fit:], kwargs[n_fit:], next_dense[n_fit:]):
+                            fitted = {}
                         if store is not None:
-                            store.write(b, tensors)
+                            store.write(b, {f"{parse_linear_id(lid)[1]}.{k}": v
+                                            for lid, m in fitted.items() for k, v in _parts_of(m).items()})
+                    for lid in lowrank:
+                        comp.install(lid, fitted[lid] if lid in fitted else comp.open_loop(lid, ranks[lid]))
+                    refitted.update(fitted)
+                    kept_open += bool(lowrank) and not fitted
+                    changed |= bool(lowrank)
                     comp_h = [run_block(block, h, kw) for h, kw in zip(comp_h, kwargs)] if changed else next_dense
                 dense_h = next_dense
                 bar.update(1)
+                bar.set_postfix(open_loop=kept_open)
     finally:
         bar.close()
         comp.restore()
     return refitted
+
+
+def _worse_than_open_loop(block, comp, ranks: RankMap, fitted: dict[str, LowRankLinear], comp_h, kwargs,
+                          dense_out) -> bool:
+    """Whether the block with its `fitted` layers (installed) is further from the dense block's outputs on the
+    held-out batches than with its open-loop factors. A margin of 1e-9 of the dense outputs' energy (float32
+    rounding is about 1e-14) keeps blocks that both reproduce (full rank) from flipping on rounding."""
+    def error() -> float:
+        return sum(float((run_block(block, h, kw).double() - d.double()).square().sum())
+                   for h, kw, d in zip(comp_h, kwargs, dense_out))
+
+    with_refit = error()
+    for lid in fitted:
+        comp.install(lid, comp.open_loop(lid, ranks[lid]))
+    with_open = error()
+    for lid, module in fitted.items():
+        comp.install(lid, module)
+    energy = sum(float(d.double().square().sum()) for d in dense_out)
+    return with_refit > with_open + 1e-9 * energy
 
 
 def _read_block(store: BlockStore, block: int, comp) -> dict[str, LowRankLinear]:
