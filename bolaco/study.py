@@ -64,6 +64,8 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = bounded(25, ge=1)
     distill: float = bounded(0.0, ge=0)   # loss = CE + distill * KL(dense || model) on the same tokens (0: off)
+    # lora: also LoRA on the projections the rank map keeps dense, merged into their weights (same parameter count)
+    lora_dense: bool = True
 
 
 @dataclass(frozen=True)

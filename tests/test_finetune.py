@@ -44,6 +44,35 @@ def test_loss_falls_merge_is_exact_and_size_unchanged(tmp_path, tokenizer, varia
     assert (out / "model.safetensors").stat().st_size == (ref / "model.safetensors").stat().st_size
 
 
+@pytest.mark.parametrize("lora_dense", [True, False])
+def test_lora_on_the_layers_kept_dense_merges_into_their_weights(tmp_path, lora_dense):
+    model = tiny_model("llama")
+    _, comp = uniform_compressor(model, SEQS, tmp_path / "cache")
+    ranks = {lid: k for lid, k in comp.budget.uniform(0.3).items() if not lid.endswith(".v")}   # v kept dense
+    comp.apply(ranks)
+    adapter = adapter_for(model)
+    before = count_params(model)
+    v_weights = {lid: adapter.module(lid).weight.detach().clone() for lid in adapter.linears if lid.endswith(".v")}
+    tuner = SubspaceTuner(model, FinetuneConfig(steps=8, batch_size=2, lr=5e-2, warmup=0, schedule="constant",
+                                                checkpoint_every=100, lora_dense=lora_dense))
+    trained = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in tuner.trainable}
+    expected = {adapter.linears[lid].path + ".down" for lid in ranks}
+    if lora_dense:
+        expected |= {info.path for lid, info in adapter.linears.items() if lid not in ranks}   # v among them
+    assert trained == expected
+    tuner.fit(SEQS[:2], progress=False)
+    with torch.no_grad():
+        adapted = tuner.net(input_ids=SEQS).logits
+        merged = tuner.merge()
+        assert torch.allclose(merged(input_ids=SEQS).logits, adapted, atol=1e-4, rtol=1e-4)
+    adapter = adapter_for(merged)
+    assert count_params(merged) == before
+    assert {lid: adapter.module(lid).rank for lid in ranks} == ranks
+    for lid, w in v_weights.items():
+        assert type(adapter.module(lid)) is torch.nn.Linear
+        assert torch.equal(adapter.module(lid).weight, w) != lora_dense
+
+
 def test_resumed_run_continues_the_same_loss_sequence(tmp_path, monkeypatch):
     cfg = FinetuneConfig(steps=6, batch_size=2, lr=1e-2, warmup=1, checkpoint_every=2, lora_r=2)
     model, _ = compressed_model(tmp_path / "a")

@@ -2,7 +2,8 @@
 
 For y = up(down(x)) + b:
 - `lora`: peft LoRA on every `down` factor (k x d_in). The update up (B A) stays in span(up) and merges
-  into `down` exactly, so rank map, parameter count and file size are unchanged.
+  into `down` exactly, so rank map, parameter count and file size are unchanged. With `lora_dense`, the
+  projections the rank map kept dense get plain LoRA of the same rank, merged into their weights.
 - `scaling` (Bolaco's variant): factors frozen; a trainable length-k vector s between the factors and a
   length-d_out vector g on the output, y = g * (up(s * down(x)) + b), merged as down <- diag(s) down,
   up <- diag(g) up, b <- g * b.
@@ -146,6 +147,8 @@ class SubspaceTuner:
         if cfg.variant == "lora":
             from peft import LoraConfig, get_peft_model
             targets = [self.adapter.linears[lid].path + ("" if dense else ".down") for lid in self.ids]
+            if not dense and cfg.lora_dense:   # the projections kept dense: plain LoRA, merged into the weight
+                targets += [info.path for lid, info in self.adapter.linears.items() if lid not in self.ids]
             self.net = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                         target_modules=targets, bias="none"))
         else:
