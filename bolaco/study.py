@@ -108,7 +108,7 @@ class Study:
     remove: float = bounded(0.2, ge=0, lt=1, key="budget.remove")   # fraction of the decomposable parameters removed
     method: Method = named("feature", "decompose.method")
     rank_multiple: int = bounded(8, ge=1, key="decompose.rank_multiple")
-    refit: bool = named(False, "decompose.refit")   # closed-loop refit of the exported allocation (bolaco.refit)
+    refit: bool = named(True, "decompose.refit")    # closed-loop refit of the exported allocation (bolaco.refit)
     # shrinkage of the refit towards the dense layer (relative to mean input variance)
     refit_ridge: float = bounded(0.1, ge=0, key="decompose.refit_ridge")
     shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
