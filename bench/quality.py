@@ -3,9 +3,11 @@ run, on text and tasks that calibration, search and post-training never saw.
 
     .venv/bin/python bench/quality.py [--variants wiki-ppl wiki-ppl+kl wiki-kl mix-ppl] [--seeds 0 1 2]
                                       [--trials 60] [--config botorch:groups] [--ft-steps 300] [--limit 200]
+    (the README's table: --config botorch:types --trials 30 --variants mix-ppl --ridges --ft-steps 100
+     --ft-lr 0.001 --ft-lora-dense-off)
 
-Rows: uniform; the BO best of each search variant (objective x calibration/search data), open-loop and after the
-closed-loop refit (perplexity columns: median [min-max] over seeds; the refit on the median seed's map);
+Rows: uniform; the BO best of each search variant (objective x calibration/search data, optionally a refit inside
+every trial), open-loop and after the closed-loop refit (perplexity columns: median [min-max] over seeds);
 post-training in the low-rank subspace of
 the best row, next to the dense model fine-tuned with the same data, tokens and settings. Columns: WikiText-2
 test, PTB test and C4 perplexity (first 64 x 256 tokens of each), and the accuracy of the zero-shot tasks where
@@ -48,8 +50,10 @@ TASKS = {"piqa": "acc", "hellaswag": "acc_norm", "arc_easy": "acc", "openbookqa"
 DATA = {"wiki": {"calibration": RoleSpec("wikitext2-valid", 0, 128), "search": RoleSpec("wikitext2-valid", -32, 32)},
         "mix": {"calibration": (RoleSpec("wikitext2-valid", 0, 64), RoleSpec("c4-valid", -80, 64)),
                 "search": (RoleSpec("wikitext2-valid", -16, 16), RoleSpec("c4-valid", -16, 16))}}
-VARIANTS = {"wiki-ppl": ("wiki", "ppl"), "wiki-ppl+kl": ("wiki", "ppl+kl"), "wiki-kl": ("wiki", "kl"),
-            "mix-ppl": ("mix", "ppl"), "mix-kl": ("mix", "kl")}
+# variant -> (data, objective, calibration sequences of the refit inside every trial: 0 for none)
+VARIANTS = {"wiki-ppl": ("wiki", "ppl", 0), "wiki-ppl+kl": ("wiki", "ppl+kl", 0), "wiki-kl": ("wiki", "kl", 0),
+            "mix-ppl": ("mix", "ppl", 0), "mix-kl": ("mix", "kl", 0), "mix-ppl+kl": ("mix", "ppl+kl", 0),
+            "mix-ppl-refit": ("mix", "ppl", 32)}
 CACHE = Path("storage/bench-quality")
 
 
@@ -77,10 +81,11 @@ def workspace(base, data: str, storage: str) -> Workspace:
 
 
 def bo_best(ws, comp, base, variant: str, config: str, seed: int, trials: int, storage: str):
-    data, objective = VARIANTS[variant]
+    data, objective, refit_sequences = VARIANTS[variant]
     label = study_label(config, seed) if variant == "wiki-ppl" \
         else f"quality-{variant}-{config.replace(':', '-')}-s{seed}"
-    cfg = dataclasses.replace(config_search(base.search, config, seed), objective=objective)
+    cfg = dataclasses.replace(config_search(base.search, config, seed), objective=objective,
+                              refit=bool(refit_sequences), refit_sequences=refit_sequences)
     ws.study = dataclasses.replace(ws.study, name=label, search=cfg, storage=storage)
     opt = search.run(ws, comp, create=True, trials=trials, artifacts=None)
     done = sorted(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)[:trials]
@@ -88,15 +93,17 @@ def bo_best(ws, comp, base, variant: str, config: str, seed: int, trials: int, s
     return {k: int(v) for k, v in best.user_attrs["ranks"].items()}, best.user_attrs["search_ppl"]
 
 
-def finetune(model, tokenizer, base, tag: str, steps: int, lr: float, rank: int, distill: float = 0.0, teacher=None):
+def finetune(model, tokenizer, base, tag: str, steps: int, lr: float, rank: int, distill: float = 0.0, teacher=None,
+             lora_dense: bool = True):
     """LoRA on the study's train role (what `bolaco finetune` reads); tag names the model (row and seed, or
-    "dense") in the checkpoint folder."""
+    "dense") in the checkpoint folder; lora_dense: also on the projections the rank map keeps dense."""
     dense = tag == "dense"
     cfg = dataclasses.replace(base.finetune, steps=steps, lr=lr, lora_r=rank, lora_alpha=2 * rank, warmup=steps // 20,
-                              variant="lora", checkpoint_every=max(25, steps // 4), distill=distill)
+                              variant="lora", checkpoint_every=max(25, steps // 4), distill=distill,
+                              lora_dense=lora_dense)
     spec = base.data["train"]
     train = role_sequences({"train": spec}, tokenizer, base.seq_len)["train"]
-    key = f"{tag}-{steps}-{lr}-{rank}-{spec}" + (f"-kd{distill}" if distill else "")
+    key = f"{tag}-{steps}-{lr}-{rank}-{spec}" + (f"-kd{distill}" if distill else "") + ("-ld" if lora_dense else "")
     t = time.perf_counter()
     tuner = SubspaceTuner(model, cfg, teacher=teacher, dense=dense)
     tuner.fit(train, checkpoint=CACHE / "finetune" / key)
@@ -120,6 +127,8 @@ def main():
     ap.add_argument("--ft-distill", type=float, default=0.0,
                     help="> 0: also the same LoRA with this weight x KL(dense || model) added to the loss")
     ap.add_argument("--ft-row", help="the row to post-train (default: the best BO row by the geometric mean)")
+    ap.add_argument("--ft-lora-dense-off", action="store_true",
+                    help="also the LoRA without the layers the rank map keeps dense (finetune.lora_dense: false)")
     ap.add_argument("--ridges", type=float, nargs="*", default=[0.01, 1.0],
                     help="refit shrinkage values to compare on the uniform map, besides the study's")
     ap.add_argument("--uniform-tasks", action="store_true", help="zero-shot tasks on the uniform row too")
@@ -141,7 +150,7 @@ def main():
     for data, variants in spaces.items():
         ws = workspace(base, data, args.storage)
         comp = ws.compressor()
-        if data == "wiki":
+        if data == next(iter(spaces)):   # the uniform rows, with the first variant's calibration
             uniform = comp.budget.uniform(base.remove)
             comp.apply(uniform)
             rows["uniform"] = [ev("uniform", ws.model, tasks=args.uniform_tasks)]
@@ -168,8 +177,7 @@ def main():
             for refit in (False, True):
                 name = f"BO {variant}" + (" + refit" if refit else "")
                 rows[name] = []
-                # the refit (minutes per map on a CPU) runs on the median seed's map only
-                for _search_ppl, seed, ranks in ([median] if refit else found):
+                for _search_ppl, seed, ranks in found:
                     comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
                     tag = f"{variant}-s{seed}{'-refit' if refit else ''}"
                     rows[name].append(ev(tag, ws.model, tasks=(seed == median[1])))
@@ -210,26 +218,31 @@ def main():
         comp.apply(ranks, ws.refit(comp, ranks) if refit else None)
         src = export(ws.model, ws.tokenizer, ranks, CACHE / "best", {"method": base.method, "row": row})
         comp.restore()
-        settings = [(args.ft_rank, args.ft_lr, args.ft_steps, 0.0)]
+        lora_dense = base.finetune.lora_dense
+        settings = [(args.ft_rank, args.ft_lr, args.ft_steps, 0.0, lora_dense)]
         if args.ft_sweep:
-            settings = [(r, lr, max(50, args.ft_steps // 4), 0.0)
+            settings = [(r, lr, max(50, args.ft_steps // 4), 0.0, lora_dense)
                         for r in (8, 32) for lr in (1e-4, 3e-4, 1e-3)] + settings
         if args.ft_distill:
-            settings.append((args.ft_rank, args.ft_lr, args.ft_steps, args.ft_distill))
+            settings.append((args.ft_rank, args.ft_lr, args.ft_steps, args.ft_distill, lora_dense))
+        if args.ft_lora_dense_off:
+            settings.append((args.ft_rank, args.ft_lr, args.ft_steps, 0.0, False))
         model_tag = f"{variant}-s{seed}{'-refit' if refit else ''}"
         ft_rows = []
-        for rank, lr, steps, distill in settings:
+        for rank, lr, steps, distill, ld in settings:
             model, _ = load_compressed(src, fuse=False)
             teacher = model_io.load(base.model)[0] if distill else None
-            model, seconds, tokens = finetune(model, tokenizer, base, model_tag, steps, lr, rank, distill, teacher)
+            model, seconds, tokens = finetune(model, tokenizer, base, model_tag, steps, lr, rank, distill, teacher, ld)
             del teacher
-            tag = f"ft-{model_tag}-r{rank}-lr{lr}-s{steps}" + (f"-kd{distill}" if distill else "")
-            final = steps == args.ft_steps and rank == args.ft_rank and lr == args.ft_lr
+            tag = (f"ft-{model_tag}-r{rank}-lr{lr}-s{steps}" + (f"-kd{distill}" if distill else "")
+                   + ("-ld" if ld else ""))
+            final = steps == args.ft_steps and rank == args.ft_rank and lr == args.ft_lr and ld == lora_dense
             r = ev(tag, model, tasks=final)
-            how = f"r {rank}, lr {lr}, {steps} steps" + (f", distill {distill}" if distill else "")
+            how = (f"r {rank}, lr {lr}, {steps} steps" + (f", distill {distill}" if distill else "")
+                   + ("" if ld else ", low-rank layers only"))
             ft_rows.append([f"{row} + LoRA ({how})", tokens, f"{seconds:.0f}",
                             *(f"{r[c] / dense_row[c]:.2f}" if c in r else "-" for c in columns)])
-            if final and not distill:
+            if final and not distill:   # the baseline: LoRA on every projection of the dense model
                 dmodel, _ = model_io.load(base.model)
                 dmodel, dseconds, _ = finetune(dmodel, tokenizer, base, "dense", steps, lr, rank)
                 d = ev(f"dense-ft-r{rank}-lr{lr}-s{steps}", dmodel, tasks=True)
