@@ -193,10 +193,9 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                for p in range(partitions) for s in range(p * per_part, (p + 1) * per_part, batch_size)]
     batch_partition = [p for p in range(partitions) for _ in range(p * per_part, (p + 1) * per_part, batch_size)]
     tokens = n_seq * seq_len
-    bar = tqdm(total=adapter.n_blocks, initial=adapter.n_blocks - len(todo), desc="collect", unit="block",
-               disable=not progress)
     start, done = time.perf_counter(), 0
-    with torch.inference_mode():
+    with tqdm(total=adapter.n_blocks, initial=adapter.n_blocks - len(todo), desc="collect", unit="block",
+              disable=not progress) as bar, torch.inference_mode():
         states, block_kwargs = capture_block_inputs(model, adapter, batches, device)
         for b, block in enumerate(adapter.blocks):
             if b > max(todo):
@@ -230,5 +229,4 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
             done += 1
             bar.update(1)
             bar.set_postfix_str(f"{tokens * done / adapter.n_blocks / (time.perf_counter() - start):.0f} tok/s")
-    bar.close()
     return CovarianceCache(store)

@@ -149,16 +149,17 @@ def build_bases(adapter: Adapter, cov: CovarianceCache, method: str, progress: b
     device = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     model_dtype = next(adapter.model.parameters()).dtype
     dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
-    for b in tqdm(todo, desc=f"bases ({method})", unit="block", disable=not progress or not todo):
-        try:
-            tensors = _block_bases(adapter, cov, method, b, budget, device, dtype)
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
-            if device.type == "cpu":
-                raise
-            warnings.warn(f"bases of block {b} on {device} failed ({str(exc).splitlines()[0][:120]}); using the CPU",
-                          stacklevel=2)
-            tensors = _block_bases(adapter, cov, method, b, budget, torch.device("cpu"), dtype)
-        store.write(b, tensors)
+    with tqdm(todo, desc=f"bases ({method})", unit="block", disable=not progress or not todo) as bar:
+        for b in bar:
+            try:
+                tensors = _block_bases(adapter, cov, method, b, budget, device, dtype)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if device.type == "cpu":
+                    raise
+                first_line = str(exc).splitlines()[0][:120]
+                warnings.warn(f"bases of block {b} on {device} failed ({first_line}); using the CPU", stacklevel=2)
+                tensors = _block_bases(adapter, cov, method, b, budget, torch.device("cpu"), dtype)
+            store.write(b, tensors)
     return Bases(store, method)
 
 

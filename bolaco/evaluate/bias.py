@@ -70,8 +70,9 @@ def candidate_scores(model, tokenizer, examples: list[StereoExample], batch_size
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]) - len(items[i][1]))  # less padding
     scores = [0.0] * len(items)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="stereoset", unit="batch", disable=not progress):
+    with torch.inference_mode(), tqdm(range(0, len(order), batch_size), desc="stereoset", unit="batch",
+                                      disable=not progress) as bar:
+        for start in bar:
             batch = order[start:start + batch_size]
             seqs = [items[i][0] + items[i][1] for i in batch]
             width = max(map(len, seqs))

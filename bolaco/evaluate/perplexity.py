@@ -36,9 +36,9 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
     total_nll = total_kl = 0.0
     total_tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=sequences.shape[0] * sequences.shape[1], desc=desc, unit="tok", disable=not progress,
-               leave=False)
-    with torch.inference_mode():
+    # a context manager clears the bar before an exception (Ctrl-C) reaches the command's one-line message
+    with tqdm(total=sequences.shape[0] * sequences.shape[1], desc=desc, unit="tok", disable=not progress,
+              leave=False) as bar, torch.inference_mode():
         for step, i in enumerate(range(0, sequences.shape[0], batch_size)):
             ids = sequences[i:i + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
@@ -53,7 +53,6 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
             bar.update(ids.numel())
             if on_chunk is not None:
                 on_chunk(step, math.exp(total_nll / total_tokens))
-    bar.close()
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, time.perf_counter() - start,
                       total_kl / total_tokens if reference is not None else None)

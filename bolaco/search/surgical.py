@@ -124,22 +124,23 @@ def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, targe
         return value <= dense[chunk] * (1 + cfg.delta) ** (len(ranks) + 1)
 
     order = module_order(adapter, cfg)
-    bar = tqdm(order, desc="surgical", unit="module", disable=not progress)
-    for index, lid in enumerate(bar):
-        if budget.params(ranks) <= target:
-            break
-        for k in rank_grid(comp, lid, cfg):
-            comp.apply({**ranks, lid: k})
-            _, ok = log.probe(lid, k, "search", lambda: metric("search"), lambda v: within(v, "search"), index)
-            evaluations += 1
-            if not ok:
-                continue
-            _, verified = log.probe(lid, k, "verify", lambda: metric("verify"), lambda v: within(v, "verify"), index)
-            evaluations += 1
-            if verified:
-                ranks[lid] = k
-            break          # the smallest passing rank is the only candidate; a failed verification reverts
-        bar.set_postfix(removed=f"{1 - budget.params(ranks) / budget.decomposable:.1%}")
+    with tqdm(order, desc="surgical", unit="module", disable=not progress) as bar:
+        for index, lid in enumerate(bar):
+            if budget.params(ranks) <= target:
+                break
+            for k in rank_grid(comp, lid, cfg):
+                comp.apply({**ranks, lid: k})
+                _, ok = log.probe(lid, k, "search", lambda: metric("search"), lambda v: within(v, "search"), index)
+                evaluations += 1
+                if not ok:
+                    continue
+                _, verified = log.probe(lid, k, "verify", lambda: metric("verify"), lambda v: within(v, "verify"),
+                                        index)
+                evaluations += 1
+                if verified:
+                    ranks[lid] = k
+                break          # the smallest passing rank is the only candidate; a failed verification reverts
+            bar.set_postfix(removed=f"{1 - budget.params(ranks) / budget.decomposable:.1%}")
     comp.restore()
     params = budget.params(ranks)
     return ranks, {"evaluations": evaluations, "params": params, "reached_budget": params <= target,
