@@ -24,9 +24,11 @@ seed); evaluations are cached in storage/bench-quality/.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import math
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -110,6 +112,21 @@ def finetune(model, tokenizer, base, tag: str, steps: int, lr: float, rank: int,
     return tuner.merge(), time.perf_counter() - t, steps * cfg.batch_size * base.seq_len
 
 
+def refit_steps(profile: cProfile.Profile) -> list[tuple[str, float]]:
+    """Where an uncached refit's seconds go, from cProfile's cumulative times of bolaco.decompose.closed_loop."""
+    cum = {}
+    for (file, _line, name), (_cc, _nc, _tt, ct, _callers) in pstats.Stats(profile).stats.items():
+        if file.endswith("closed_loop.py"):
+            cum[name] = cum.get(name, 0.0) + ct
+    stats, partial = cum["add"], cum["_pair_stats"] - cum["add"]
+    return [("float64 statistics of the paired inputs (PairAccumulator.add)", stats),
+            ("compressed block up to each record, in the in-block order (_pair_stats)", partial),
+            ("the fits (fit_linear)", cum["fit_linear"]),
+            ("held-out check (_worse_than_open_loop)", cum["_worse_than_open_loop"]),
+            ("the rest: the dense pass and the compressed pass of every block",
+             cum["refit"] - stats - partial - cum["fit_linear"] - cum["_worse_than_open_loop"])]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--study", default="studies/smollm2-20.yaml")
@@ -165,12 +182,14 @@ def main():
             ws.study = dataclasses.replace(ws.study, refit_ridge=base.refit_ridge)
             if args.refit_cost:   # an uncached refit against plain forward passes over the same tokens
                 forward = [perplexity(ws.model, ws.data["calibration"], base.batch_size, progress=False).seconds]
+                profile = cProfile.Profile()
                 t = time.perf_counter()
-                ws.refit(comp, uniform, cache=False, progress=False)
+                profile.runcall(ws.refit, comp, uniform, cache=False, progress=False)
                 refit_s = time.perf_counter() - t
                 forward.append(perplexity(ws.model, ws.data["calibration"], base.batch_size, progress=False).seconds)
                 forward_s = statistics.mean(forward)
                 costs = [["refit of the uniform map (uncached)", f"{refit_s:.0f}", f"{refit_s / forward_s:.2f}"],
+                         *[[f"  {step}", f"{s:.0f}", f"{s / forward_s:.2f}"] for step, s in refit_steps(profile)],
                          ["plain forward over the calibration set (before and after, mean)", f"{forward_s:.0f}",
                           "1.00"]]
         for variant in variants:
