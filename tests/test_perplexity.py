@@ -47,3 +47,21 @@ def test_kl_to_reference_is_zero_for_itself_and_matches_float64():
         q = torch.log_softmax(copy.deepcopy(model).double()(input_ids=seqs).logits[:, :-1], -1)
     expected = float((p.exp() * (p - q)).sum(-1).mean())
     assert got > 0 and math.isclose(got, expected, rel_tol=1e-4)
+
+
+def test_ctrl_c_inside_an_evaluation_clears_its_progress_bar_first(capsys):
+    """The command's one-line 'interrupted' message must start on a clean line: the bar is gone by the time
+    the KeyboardInterrupt reaches the command's handler (whose traceback still holds the frame that made it)."""
+    model = tiny_model("llama")
+    seqs = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(1))
+
+    def interrupt(step, _ppl):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    try:
+        perplexity(model, seqs, batch_size=2, progress=True, desc="trial 1", on_chunk=interrupt)
+    except KeyboardInterrupt:
+        err = capsys.readouterr().err                 # what the terminal shows when bolaco.cli.main prints
+    assert "trial 1" in err                           # the bar was drawn ...
+    assert err.rstrip(" ").endswith("\r")            # ... and cleared: the cursor is back at column 0
