@@ -2,9 +2,9 @@
 run, on text and tasks that calibration, search and post-training never saw.
 
     .venv/bin/python bench/quality.py [--variants wiki-ppl wiki-ppl+kl wiki-kl mix-ppl] [--seeds 0 1 2]
-                                      [--trials 60] [--config botorch:groups] [--ft-steps 300] [--limit 200]
+                                      [--trials 60] [--config botorch:groups] [--ft-steps 400] [--limit 200]
     (the README's table: --config botorch:types --trials 30 --variants mix-ppl --ridges --ft-steps 100
-     --ft-lr 0.001 --ft-lora-dense-off)
+     --ft-lr 0.001 --ft-lora-dense-off, then the same with --ft-steps 400: the study's post-training)
 
 Rows: uniform; the BO best of each search variant (objective x calibration/search data, optionally a refit inside
 every trial), open-loop and after the closed-loop refit (perplexity columns: median [min-max] over seeds);
@@ -137,9 +137,9 @@ def main():
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--config", default="botorch:groups", help="sampler:space of the BO studies (bench/search.py)")
     ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
-    ap.add_argument("--ft-steps", type=int, default=300)
-    ap.add_argument("--ft-lr", type=float, default=3e-4)
-    ap.add_argument("--ft-rank", type=int, default=8)
+    ap.add_argument("--ft-steps", type=int, help="post-training steps (default: the study's finetune.steps; 0: none)")
+    ap.add_argument("--ft-lr", type=float, help="default: the study's finetune.lr")
+    ap.add_argument("--ft-rank", type=int, help="LoRA rank (default: the study's finetune.lora_r)")
     ap.add_argument("--ft-sweep", action="store_true", help="also a short sweep of LoRA rank x learning rate")
     ap.add_argument("--ft-distill", type=float, default=0.0,
                     help="> 0: also the same LoRA with this weight x KL(dense || model) added to the loss")
@@ -154,6 +154,9 @@ def main():
     ap.add_argument("--storage", default="sqlite:///storage/bench.db")
     args = ap.parse_args()
     base = load_study(args.study)
+    args.ft_steps = base.finetune.steps if args.ft_steps is None else args.ft_steps
+    args.ft_lr = base.finetune.lr if args.ft_lr is None else args.ft_lr
+    args.ft_rank = base.finetune.lora_r if args.ft_rank is None else args.ft_rank
     variant_seeds = {v: [int(s) for s in seeds.split(",")] for v, _, seeds in
                      (item.partition("=") for item in args.variant_seeds)}
     spaces = {}
