@@ -67,7 +67,7 @@ finetune:
 	$(BIN)/bolaco finetune --study $(STUDY) $(if $(OUT),--out $(OUT))
 
 eval:
-	$(BIN)/bolaco eval $(MODEL) $(EVAL_ARGS)
+	$(BIN)/bolaco eval --model $(MODEL) --cache-dir storage/cache $(EVAL_ARGS)
 
 report:
 	$(BIN)/bolaco report --study $(STUDY) $(if $(COMPARE),--compare $(COMPARE)) $(if $(OUT),--out $(OUT))

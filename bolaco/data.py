@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import BolacoError
 
 RESOURCES = Path(__file__).parent / "resources"
-ROLES = ("calibration", "search", "test", "train")
-FITTING_ROLES = ("calibration", "search", "train")      # may never read a test split
+ROLES = ("calibration", "search", "selection", "test", "train")
+FITTING_ROLES = ("calibration", "search", "selection", "train")      # may never read a test split
 MAY_OVERLAP = {frozenset(("calibration", "train"))}      # post-training may reuse the calibration text
 
 
@@ -94,18 +95,68 @@ def pack(token_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len).clone()
 
 
-def tokenize_corpus(name: str, tokenizer, seq_len: int, data_dir: str | Path | None = None) -> torch.Tensor:
-    text = read_text(name, data_dir)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    return pack(ids, seq_len)
+def tokenizer_hash(tokenizer) -> str:
+    """An identity of a tokenizer's behaviour: its serialized fast tokenizer (vocabulary, merges, normalisation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class RoleSpec:
+def corpus_tokens(name: str, tokenizer, data_dir: str | Path | None = None,
+                  cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The whole corpus as token ids (no special tokens). With `cache_dir`, cached per (tokenizer, file contents):
+    tokenizing the shipped C4 sample takes seconds, on every command of a study otherwise."""
+    path = corpus_path(name, data_dir)
+    cached = None
+    if cache_dir is not None:
+        h = hashlib.sha256(f"{tokenizer_hash(tokenizer)}:{name}:".encode() + path.read_bytes()).hexdigest()[:20]
+        cached = Path(cache_dir) / "tokens" / f"{name}-{h}.safetensors"
+        if cached.is_file():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+            try:
+                return load_file(cached)["ids"].long()
+            except (SafetensorError, OSError, KeyError):   # damaged: tokenized again below
+                cached.unlink(missing_ok=True)
+    ids = tokenizer(read_text(name, data_dir), return_tensors="pt", add_special_tokens=False).input_ids.reshape(-1)
+    if cached is not None:
+        from safetensors.torch import save_file
+        from .store import atomic_write
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, lambda tmp: save_file({"ids": ids.to(torch.int32).contiguous()}, tmp))
+        except OSError:     # a read-only cache only costs the next command the tokenization
+            pass
+    return ids
+
+
+def tokenize_corpus(name: str, tokenizer, seq_len: int, data_dir: str | Path | None = None,
+                    cache_dir: str | Path | None = None) -> torch.Tensor:
+    return pack(corpus_tokens(name, tokenizer, data_dir, cache_dir), seq_len)
+
+
+class RoleSpec(BaseModel):
     """A contiguous run of packed sequences of one corpus; a negative start counts from the end."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
     corpus: str
     start: int = 0
-    sequences: int | None = None   # None: to the end of the corpus
+    sequences: int | None = Field(None, ge=1)   # None ("all"): to the end of the corpus
+
+    def __init__(self, *args, **kw):
+        """Positional too: RoleSpec("c4-valid", -80, 64) is {corpus: c4-valid, start: -80, sequences: 64}."""
+        super().__init__(**dict(zip(("corpus", "start", "sequences"), args)), **kw)
+
+    @field_validator("corpus")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in CORPORA:
+            raise ValueError(f"unknown corpus; known corpora: {', '.join(CORPORA)}")
+        return name
+
+    @field_validator("sequences", mode="before")
+    @classmethod
+    def _all(cls, value):
+        return None if value == "all" else value
 
     def resolve(self, total: int, role: str) -> range:
         start = self.start + total if self.start < 0 else self.start
@@ -116,16 +167,19 @@ class RoleSpec:
         return range(start, stop)
 
 
-Role = RoleSpec | tuple[RoleSpec, ...]    # one range, or a mixture of ranges (of one or several corpora)
+Role = tuple[RoleSpec, ...]    # a mixture of ranges (of one or several corpora); usually one
 
 
-def role_parts(role: Role) -> tuple[RoleSpec, ...]:
+def role_parts(role: Role | RoleSpec) -> tuple[RoleSpec, ...]:
     return role if isinstance(role, tuple) else (role,)
 
 
-def describe(role: Role) -> str:
-    return " + ".join(f"{p.corpus}[{p.start}:{'' if p.sequences is None else p.start + p.sequences}]"
-                      for p in role_parts(role))
+def describe(role: Role | RoleSpec) -> str:
+    """Python-slice notation of the role's sequences: c4-valid[-80:-16] + wikitext2-valid[-16:]."""
+    def end(p: RoleSpec) -> str:
+        stop = None if p.sequences is None else p.start + p.sequences
+        return "" if stop is None or (p.start < 0 and stop == 0) else str(stop)
+    return " + ".join(f"{p.corpus}[{p.start}:{end(p)}]" for p in role_parts(role))
 
 
 def check_roles(roles: dict[str, Role], totals: dict[str, int]) -> dict[str, list[range]]:
@@ -153,12 +207,12 @@ def check_roles(roles: dict[str, Role], totals: dict[str, int]) -> dict[str, lis
     return ranges
 
 
-def role_sequences(roles: dict[str, Role], tokenizer, seq_len: int,
-                   data_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+def role_sequences(roles: dict[str, Role], tokenizer, seq_len: int, data_dir: str | Path | None = None,
+                   cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Token tensors (N, seq_len) for each role (the parts of a mixture one after the other), after the
     disjointness check."""
     corpora = {p.corpus for spec in roles.values() for p in role_parts(spec)}
-    packed = {c: tokenize_corpus(c, tokenizer, seq_len, data_dir) for c in corpora}
+    packed = {c: tokenize_corpus(c, tokenizer, seq_len, data_dir, cache_dir) for c in corpora}
     ranges = check_roles(roles, {c: len(t) for c, t in packed.items()})
     return {role: torch.cat([packed[p.corpus][r.start:r.stop] for p, r in zip(role_parts(spec), ranges[role])])
             for role, spec in roles.items()}

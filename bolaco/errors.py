@@ -1,4 +1,6 @@
-"""The one exception type for mistakes a user can make: the CLI prints its message on one line."""
+"""The one exception type for mistakes a user can make: the CLI prints its message on one line (secrets masked)."""
+
+import re
 
 
 class BolacoError(Exception):
@@ -7,3 +9,8 @@ class BolacoError(Exception):
 
 class CacheError(BolacoError):
     """A cache on disk is corrupt or was built for different inputs."""
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the password of any URL in it replaced by ***: `scheme://user:PASSWORD@host`."""
+    return re.sub(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)

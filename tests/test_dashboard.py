@@ -47,9 +47,10 @@ def test_dashboard_lists_the_study_and_trial_user_attrs(tmp_path):
         detail = _get(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}")
         assert len(detail["trials"]) == 2
         attrs = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}
-        assert {"ranks", "params", "compression", "search_ppl", "seconds_apply"} <= set(attrs)
+        assert {"levels", "params", "removed", "search_ppl", "seconds_apply", "proposal"} <= set(attrs)
         assert float(attrs["search_nll"]) == detail["trials"][0]["values"][0]
+        assert [a["mimetype"] for a in detail["trials"][0]["artifacts"]] == ["image/png"]   # the heat map
     finally:
         os.kill(proc.pid, signal.SIGTERM)   # the dashboard runs under the PID that bolaco started with
-        proc.wait(timeout=20)
-    assert proc.poll() is not None
+        code = proc.wait(timeout=20)
+    assert code == -signal.SIGTERM        # it served until it was stopped

@@ -2,15 +2,18 @@ import pytest
 import torch
 
 from bolaco.calibrate import collect
-from bolaco.layers import LowRankLinear
-from bolaco.decompose.bases import METHODS, build_bases, factor_parts, output_basis, truncate
+from bolaco.decompose import build_bases
+from bolaco.decompose.methods.factors import factor_parts, output_basis, truncate
 from bolaco.export import count_params
-from conftest import tiny_model, uniform_compressor
+from bolaco.layers import ColumnsLinear, LowRankLinear, NarrowLinear, RowsLinear
+from conftest import STRUCTURED, tiny_model, uniform_compressor
+
+METHODS = ("feature", "feature-uncentred", "weight")
 
 
 def lowrank_factors(weight, bias, q, w_mean):
     """(down, up, bias) at the full width of q, through the same code the compressor uses."""
-    return truncate(factor_parts(weight, q, w_mean), bias, weight.dtype)
+    return truncate(factor_parts(weight, q, w_mean), q.shape[1], bias, weight.dtype)
 
 
 def _data(d_in=12, d_out=10, n=400, seed=0):
@@ -97,7 +100,7 @@ def test_parameter_counts_and_bias_match_the_modified_model(compressed):
     ranks = comp.budget.uniform(0.3)
     assert ranks
     comp.apply(ranks)
-    assert comp.ranks == ranks
+    assert comp.levels == ranks
     assert count_params(model) == other + comp.budget.params(ranks)
     # the bias of one factorised layer equals the formula evaluated on materialised activations
     lid = next(iter(ranks))
@@ -137,27 +140,28 @@ def test_bases_cache_is_reused_and_verified(compressed, tmp_path, monkeypatch):
     model, adapter, comp, calibration = compressed
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False)   # the cached run
     import bolaco.decompose.bases as decompose
-    real_block_bases = decompose._block_bases
-    monkeypatch.setattr(decompose, "_block_bases", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
-    again = build_bases(adapter, cov, "feature", progress=False)
-    assert again.store.complete and again.store.root == comp.bases.store.root
+    real_prepare = decompose._prepare
+    monkeypatch.setattr(decompose, "_prepare", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = build_bases(comp.decomposition, cov, progress=False)
+    store = again.stores["feature"]
+    assert store.complete and store.root == comp.bases.stores["feature"].root
     lid = f"1.{adapter.types[-2]}"        # gate/up, gate_up, or an MoE model's o
-    parts = again.parts(lid, 5)
+    parts = {k: v[:5] for k, v in again.parts(lid).items() if k != "w_mean"}
     q_t, down = parts["up_t"], parts["down"]
     assert q_t.shape == (5, adapter.linears[lid].d_out) and down.shape == (5, adapter.linears[lid].d_in)
     assert torch.allclose(q_t @ q_t.T, torch.eye(5), atol=1e-5)
     assert torch.allclose(down, q_t @ adapter.module(lid).weight, atol=1e-5)   # cached Q^T W
-    spectrum = again.spectrum(lid)
+    spectrum = again.parts(lid)["spectrum"]
     assert torch.all(spectrum[:-1] >= spectrum[1:])                                  # sorted descending
 
     # a damaged block is recomputed by the next build, bit for bit
-    path = again.store.block_path(1)
+    path = store.block_path(1)
     original = path.read_bytes()
     damaged = bytearray(original)
     damaged[-3] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    monkeypatch.setattr(decompose, "_block_bases", real_block_bases)
-    build_bases(adapter, collect(model, calibration, tmp_path, partitions=2, progress=False), "feature",
+    monkeypatch.setattr(decompose, "_prepare", real_prepare)
+    build_bases(comp.decomposition, collect(model, calibration, tmp_path, partitions=2, progress=False),
                 progress=False)
     assert path.read_bytes() == original
 
@@ -173,3 +177,95 @@ def test_the_direct_forward_equals_the_module_calls_and_yields_to_hooks():
     handle.remove()
     layer.down.forward = lambda _x: torch.zeros(3, 5, 4)     # a replaced forward (accelerate's offload) is called
     assert torch.equal(layer(x), layer.up.bias.expand(3, 5, 10))
+
+
+def _materialised(model, adapter, calibration, lids):
+    """The dense inputs of the given linears over the calibration set, float64 rows."""
+    seen = {lid: [] for lid in lids}
+    hooks = [adapter.module(lid).register_forward_pre_hook(
+        lambda _m, a, lid=lid: seen[lid].append(a[0].reshape(-1, a[0].shape[-1]).double())) for lid in lids]
+    with torch.no_grad():
+        model(input_ids=calibration)
+    for h in hooks:
+        h.remove()
+    return {lid: torch.cat(v) for lid, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma3"])
+def test_structured_modules_at_full_size_are_the_dense_modules(family, tmp_path):
+    """Every structured unit built at its full level (all neurons, all head dimensions, full rank) reproduces
+    the dense block, biases included; per-matrix units of the same model stay dense here."""
+    model = tiny_model(family)
+    calibration = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(4))
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=STRUCTURED)
+    with torch.no_grad():
+        dense = model(input_ids=calibration).logits
+    structured = [u for u in comp.budget.units.values() if u.type in STRUCTURED]
+    assert structured
+    for u in structured:
+        for lid, m in comp.open_loop(u.id, u.full).items():
+            comp.install(lid, m)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=calibration).logits, dense, atol=1e-4)
+    kinds = {type(adapter.module(lid)) for u in structured for lid in u.linears}
+    assert NarrowLinear in kinds and (RowsLinear in kinds) == (family != "phi3")
+    comp.restore()
+
+
+def test_the_structured_mlp_keeps_neurons_by_leverage_and_refits_down_by_least_squares(tmp_path):
+    """down' = W_D C[:, S] C[S, S]^-1 with its bias keeping the mean: the least-squares map from the kept neurons'
+    materialised features to the dense outputs (float64 reference); gate and up keep exactly those rows."""
+    model = tiny_model("qwen2")
+    calibration = torch.randint(0, 300, (16, 16), generator=torch.Generator().manual_seed(7))
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=("mlp",))
+    h = _materialised(model, adapter, calibration, ["1.down"])["1.down"]
+    dense_down = adapter.module("1.down")
+    y = h @ dense_down.weight.double().T + (dense_down.bias.double() if dense_down.bias is not None else 0)
+    unit = comp.budget.units["1.mlp"]
+    for k in (24, 64):
+        layers = comp.open_loop("1.mlp", k)
+        gate, down = layers["1.gate"], layers["1.down"]
+        kept = comp.bases.parts("1.mlp")["order"][:k]
+        assert torch.equal(gate.weight, adapter.module("1.gate").weight[kept])
+        design = torch.cat([h[:, kept], torch.ones(len(h), 1, dtype=torch.float64)], 1)
+        coef = torch.linalg.lstsq(design, y).solution
+        assert torch.allclose(down.weight.double(), coef[:k].T, atol=2e-3, rtol=1e-3)
+        assert torch.allclose(down.bias.double(), coef[k], atol=2e-3)
+        assert sum(p.numel() for m in layers.values() for p in m.parameters()) == unit.params(k)
+    # leverage order: the smallest diagonal entries of (C + lam I)^-1 first
+    cov = torch.cov(h.T, correction=0)
+    lam = 1e-2 * cov.diagonal().mean()
+    ref = torch.linalg.inv(cov + lam * torch.eye(len(cov), dtype=torch.float64)).diagonal().argsort()
+    assert torch.equal(comp.bases.parts("1.mlp")["order"][:8], ref[:8])
+
+
+def test_structured_attention_drops_whole_rotary_pairs_and_keeps_the_output_mean(tmp_path):
+    model = tiny_model("llama", layers=2)
+    calibration = torch.randint(0, 300, (16, 16), generator=torch.Generator().manual_seed(8))
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=("qk", "vo"))
+    heads = adapter.heads
+    half = heads.head_dim // 2
+    qk = comp.open_loop("0.qk", 4)
+    q, k = qk["0.q"], qk["0.k"]
+    assert q.index.numel() == heads.n_heads * 4 and k.index.numel() == heads.n_kv * 4
+    for rows, n in ((q.index, heads.n_heads), (k.index, heads.n_kv)):
+        dims = (rows % heads.head_dim).view(n, 4)
+        assert torch.equal(dims[:, 2:], dims[:, :2] + half)            # pairs i and i + head_dim / 2
+    per_group = (q.index % heads.head_dim).view(heads.n_kv, heads.per_group, 4)
+    assert torch.equal(per_group, per_group[:, :1].expand_as(per_group))   # one choice per key/value group
+    assert torch.equal((k.index % heads.head_dim).view(heads.n_kv, 4), per_group[:, 0])
+    # V/O: the attention output's mean survives any rank (softmax weights sum to one)
+    o_in = _materialised(model, adapter, calibration, ["0.o"])["0.o"]
+    dense_o = adapter.module("0.o")
+    vo = comp.open_loop("0.vo", 2)
+    comp.install("0.v", vo["0.v"])
+    comp.install("0.o", vo["0.o"])
+    out = []
+    h = adapter.module("0.o").register_forward_hook(lambda _m, _a, y: out.append(y.reshape(-1, y.shape[-1])))
+    with torch.no_grad():
+        model(input_ids=calibration)
+    h.remove()
+    comp.restore()
+    dense_mean = (o_in @ dense_o.weight.double().T).mean(0)
+    assert torch.allclose(torch.cat(out).double().mean(0), dense_mean, atol=1e-4)
+    assert isinstance(vo["0.o"], ColumnsLinear) and vo["0.o"].index.numel() == heads.n_heads * 2

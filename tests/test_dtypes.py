@@ -1,5 +1,6 @@
-"""Model dtypes and devices: every dtype runs collect -> bases -> search trial -> refit -> export -> reload; the
-statistics stay float64 whatever the model's dtype; bases built on a device equal the CPU float64 reference."""
+"""Model dtypes and devices: every dtype runs collect -> bases -> search trial -> selection -> refit -> export ->
+reload -> post-training; the statistics stay float64 whatever the model's dtype; bases built on a device equal the
+CPU float64 reference."""
 
 import pytest
 import torch
@@ -8,10 +9,10 @@ import bolaco
 from bolaco import search
 from bolaco.arch import adapter_for
 from bolaco.calibrate import collect
-from bolaco.decompose.bases import build_bases, input_root, output_basis
-from bolaco.study import SearchConfig, Study
+from bolaco.decompose import Decomposition, build_bases
+from bolaco.decompose.methods.factors import input_root, output_basis
 from bolaco.workspace import Workspace
-from conftest import tiny_model
+from conftest import STRUCTURED, study_of, tiny_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -29,19 +30,24 @@ def _activations(model, ids):
     return {k: torch.cat(v).reshape(-1, v[0].shape[-1]) for k, v in acts.items()}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_every_dtype_runs_the_whole_pipeline(dtype, tmp_path, tokenizer):
+@pytest.mark.parametrize("dtype, modules", [("float32", ()), ("bfloat16", ()), ("float16", ()),
+                                           ("bfloat16", STRUCTURED)],
+                         ids=["float32", "bfloat16", "float16", "bfloat16-structured"])
+def test_every_dtype_runs_the_whole_pipeline(dtype, modules, tmp_path, tokenizer):
     model_dir = tmp_path / "tiny"
     tiny_model("llama", vocab_size=len(tokenizer), layers=3).to(getattr(torch, dtype)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
-    study = Study(name="d", model=str(model_dir), dtype=dtype, seq_len=16, partitions=2, remove=0.3, refit=True,
-                  rank_multiple=2, storage=f"sqlite:///{tmp_path}/s.db", cache_dir=str(tmp_path / "cache"),
-                  search=SearchConfig(trials=3, space="groups", groups=1, startup=1))
+    study = study_of("d", model={"path": str(model_dir), "dtype": dtype}, seq_len=16, collect={"partitions": 2},
+                     budget={"remove": 0.3}, decompose={"refit": True, "rank_multiple": 2, "modules": list(modules)},
+                     storage=f"sqlite:///{tmp_path}/s.db", cache_dir=str(tmp_path / "cache"),
+                     search={"trials": 3, "space": "groups", "groups": 1, "startup": 1, "select_top": 2},
+                     finetune={"steps": 2, "batch_size": 2, "warmup": 0})
     model, tok = bolaco.model.load(str(model_dir), dtype=dtype)
     assert next(model.parameters()).dtype == getattr(torch, dtype)
-    data = {"calibration": torch.randint(0, len(tokenizer), (8, 16), generator=g),
-            "search": torch.randint(0, len(tokenizer), (4, 16), generator=g)}
+    data = {"calibration": torch.randint(0, len(tokenizer), (16, 16), generator=g),
+            "search": torch.randint(0, len(tokenizer), (4, 16), generator=g),
+            "selection": torch.randint(0, len(tokenizer), (4, 16), generator=g)}
     ws = Workspace(study, model, tok, adapter_for(model), data)
     cov = ws.covariances(progress=False)
     m = cov.moments(1, "mlp_in")
@@ -50,16 +56,26 @@ def test_every_dtype_runs_the_whole_pipeline(dtype, tmp_path, tokenizer):
     x = _activations(model, data["calibration"])[(1, "mlp_in")]
     assert torch.allclose(m.second, x.T @ x / len(x), rtol=1e-4, atol=1e-4 * float((x.T @ x / len(x)).abs().max()))
     comp = ws.compressor(progress=False)
-    factors = comp.bases.parts("1.up", 4)
-    assert factors["down"].dtype == (torch.float32 if dtype == "float32" else getattr(torch, dtype))
+    if not modules:
+        factors = comp.bases.parts("1.up")
+        assert factors["down"].dtype == (torch.float32 if dtype == "float32" else getattr(torch, dtype))
     opt = search.run(ws, comp, create=True, trials=3, artifacts=None)
     assert all(torch.isfinite(torch.tensor(t.value)) for t in opt.trials)
-    ranks, _ = search.best_ranks(study)
-    out = ws.export(comp, ranks, str(tmp_path / "out"), {})
+    ranks, refitted, _ = search.select(ws, comp, opt, 2)
+    out = ws.export(comp, ranks, str(tmp_path / "out"), {}, refitted)
+    assert all(p.dtype == getattr(torch, dtype) for p in ws.model.parameters())
     loaded, _ = bolaco.load(out, fuse=False)
     assert next(loaded.parameters()).dtype == getattr(torch, dtype)
+    mine, theirs = ws.model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys() and [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=data["search"]).logits, ws.model(input_ids=data["search"]).logits)
+    from bolaco.finetune import SubspaceTuner      # post-training in the model's dtype (LoRA itself in float32)
+    tuner = SubspaceTuner(loaded, study.finetune)
+    losses = tuner.fit(data["calibration"], progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    merged = tuner.merge()
+    assert all(p.dtype == getattr(torch, dtype) for p in merged.parameters())
 
 
 def test_both_basis_routes_equal_the_float64_reference():
@@ -87,21 +103,22 @@ def test_bases_on_a_device_and_loaded_factors_equal_the_cpu_reference(device, tm
     calibration = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(1))
     adapter = adapter_for(model)
     cov = collect(model, calibration, tmp_path, partitions=2, progress=False, device=device)
-    bases = build_bases(adapter, cov, "feature", progress=False, device=device)
-    for lid in ("0.q", "1.up", "1.down"):
+    decomposition = Decomposition(adapter, "feature", ("mlp",), 2)
+    bases = build_bases(decomposition, cov, progress=False, device=device)
+    for lid in ("0.q", "1.v"):
         moment = cov.moments(int(lid[0]), adapter.record_of(lid.split(".")[1])).cov
         w = adapter.module(lid).weight.double()
         evals, evecs = torch.linalg.eigh(w @ moment @ w.T)
         k = 3
         ref = evecs.flip(-1)[:, :k]
-        parts = bases.parts(lid, k)
-        got = parts["up_t"].double()
+        parts = bases.parts(lid)
+        got = parts["up_t"][:k].double()
         assert torch.allclose(got.T @ got, ref @ ref.T, atol=1e-5)
-        assert torch.allclose(parts["down"].double(), got @ w, atol=1e-5)
-    on_disk = {lid: bases.parts(lid, 3) for lid in adapter.linears}
-    assert bases.load(torch.device(device), adapter.linears).startswith("cpu" if device == "cpu" else "cuda")
-    for lid, parts in on_disk.items():
-        loaded = bases.parts(lid, 3)
+        assert torch.allclose(parts["down"][:k].double(), got @ w, atol=1e-5)
+    on_disk = {uid: bases.parts(uid) for uid in decomposition.units}
+    assert bases.load(torch.device(device)).startswith("cpu" if device == "cpu" else "cuda")
+    for uid, parts in on_disk.items():
+        loaded = bases.parts(uid)
         assert all(torch.equal(parts[n], loaded[n].cpu()) for n in parts)
 
 

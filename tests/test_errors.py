@@ -40,6 +40,8 @@ def test_a_storage_password_is_never_shown(tmp_path, capsys):
 def test_the_dashboard_reports_a_bad_url_and_a_port_in_use_on_one_line(tmp_path, capsys):
     assert main(["dashboard", "--study", _study(tmp_path), "--storage", "nonsense://x"]) == 2
     assert "cannot open the study storage nonsense://x" in _one_line_error(capsys)
+    from bolaco.search import open_storage
+    open_storage(f"sqlite:///{tmp_path}/d.db")          # a study store that exists
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -73,10 +75,12 @@ def test_set_overrides_any_setting_and_is_checked_like_the_file(tmp_path, capsys
     path = _study(tmp_path, "name: e\nbudget: {remove: 0.2}\nsearch: {trials: 5}\n")
     study = load_study(path, ["budget.remove=0.3", "search.sampler=tpe", "search.tie=[[q, k]]", "seq_len=64",
                               "data.calibration={corpus: c4-valid, sequences: 8}"])
-    assert (study.remove, study.search.sampler, study.search.tie, study.seq_len) == (0.3, "tpe", (("q", "k"),), 64)
-    assert study.search.trials == 5 and study.data["calibration"].corpus == "c4-valid"
-    for bad, message in (("budget.typo=1", r"unknown key\(s\) \['typo'\] in 'budget'"),
-                         ("search.sampler=nope", "search.sampler is .nope.; choose from botorch, gp, tpe, random"),
+    assert (study.budget.remove, study.search.sampler, study.search.tie, study.seq_len) == (0.3, "tpe", (("q", "k"),),
+                                                                                            64)
+    assert study.search.trials == 5 and study.data.calibration[0].corpus == "c4-valid"
+    for bad, message in (("budget.typo=1", r"unknown key 'budget.typo' \(allowed there: remove\)"),
+                         ("search.sampler=nope", "search.sampler: unknown sampler 'nope'; choose from random, "
+                                                 "botorch, gp, tpe"),
                          ("budget.remove", "write section.key=value"),
                          ("name.x=1", "'name' in study file .* is not a section")):
         assert main(["collect", "--study", path, "--set", bad]) == 2

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bolaco.errors import BolacoError
-from bolaco.evaluate import EvalPlan, ResultsFile, check_plan, markdown_table, without_data_dir
+from bolaco.evaluate import EvalKey, EvalPlan, ResultsFile, check_plan, markdown_table, without_data_dir
 
 
 def test_plan_items_name_what_they_measure_and_sample_sizes():
@@ -15,8 +15,11 @@ def test_plan_items_name_what_they_measure_and_sample_sizes():
                             "stereoset/all"]
     shipped, skipped = without_data_dir(plan)
     assert shipped.items() == ["ppl/wikitext2-test/seq256/all"] and skipped == ["ptb-test", "piqa", "stereoset"]
-    with pytest.raises(BolacoError, match="unknown task"):
-        check_plan(EvalPlan(tasks=("mmlu",)))
+    few = EvalPlan(corpora=(), tasks=("arc_easy", "mmlu"), limit=None, num_fewshot=5, stereoset=False)
+    assert few.items() == ["task/arc_easy/all/5shot", "task/mmlu/all/5shot"]
+    assert [str(EvalKey.parse(k)) for k in plan.items() + few.items()] == plan.items() + few.items()
+    with pytest.raises(BolacoError, match="num-fewshot is -1"):
+        check_plan(EvalPlan(num_fewshot=-1))
     with pytest.raises(BolacoError, match="unknown corpus"):
         check_plan(EvalPlan(corpora=("penn",)))
 

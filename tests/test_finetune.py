@@ -8,14 +8,14 @@ from bolaco.errors import BolacoError
 from bolaco.export import count_params, export
 from bolaco.finetune.subspace import SubspaceTuner, _Checkpoint
 from bolaco.study import FinetuneConfig
-from conftest import tiny_model, uniform_compressor
+from conftest import STRUCTURED, tiny_model, uniform_compressor
 
 SEQS = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(7))
 
 
-def compressed_model(tmp_path, family="qwen2"):
+def compressed_model(tmp_path, family="qwen2", modules=()):
     model = tiny_model(family)
-    _, comp = uniform_compressor(model, SEQS, tmp_path / "cache")
+    _, comp = uniform_compressor(model, SEQS, tmp_path / "cache", modules=modules)
     ranks = comp.budget.uniform(0.3)
     comp.apply(ranks)
     for p in model.parameters():   # the factors as exported models carry them: ordinary parameters
@@ -42,6 +42,29 @@ def test_loss_falls_merge_is_exact_and_size_unchanged(tmp_path, tokenizer, varia
     assert count_params(merged) == before
     out = export(merged, None, ranks, tmp_path / "after", {})
     assert (out / "model.safetensors").stat().st_size == (ref / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_lora_on_structured_layers_merges_into_their_reduced_matrices(tmp_path, gradient_checkpointing):
+    """The structured layers' plain matrices (kept rows of q/k/v, kept columns of o, the narrower MLP) take LoRA
+    at their reduced shapes and merge back exactly: same layer kinds, shapes and parameter count."""
+    model, levels = compressed_model(tmp_path, "llama", STRUCTURED)
+    before = count_params(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(steps=6, batch_size=2, lr=5e-2, warmup=0, schedule="constant", checkpoint_every=100,
+                         gradient_checkpointing=gradient_checkpointing)
+    tuner = SubspaceTuner(model, cfg)
+    trained = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in tuner.trainable}
+    assert "model.layers.0.self_attn.q_proj.linear" in trained and "model.layers.0.mlp.down_proj" in trained
+    losses = tuner.fit(SEQS[:2], progress=False)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        adapted = tuner.net(input_ids=SEQS).logits
+        merged = tuner.merge()
+        assert torch.allclose(merged(input_ids=SEQS).logits, adapted, atol=1e-4, rtol=1e-4)
+    assert count_params(merged) == before and {n: tuple(p.shape) for n, p in merged.named_parameters()} == shapes
+    with pytest.raises(BolacoError, match="variant scaling trains the scalings of per-matrix factors"):
+        SubspaceTuner(compressed_model(tmp_path / "b", "llama", STRUCTURED)[0], FinetuneConfig(variant="scaling"))
 
 
 @pytest.mark.parametrize("lora_dense", [True, False])
@@ -118,8 +141,8 @@ def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path, cap
     assert len(forwards) == 4 and again == full
 
 
-def test_refuses_models_without_low_rank_layers():
-    with pytest.raises(BolacoError, match="no low-rank layers"):
+def test_refuses_models_without_compressed_layers():
+    with pytest.raises(BolacoError, match="no compressed layers"):
         SubspaceTuner(tiny_model("llama"), FinetuneConfig())
 
 
@@ -155,7 +178,7 @@ def test_finetune_command_end_to_end(tmp_path, tokenizer):
     out = tmp_path / "tuned"
     assert main(["finetune", "--study", str(study), "--from", str(src), "--out", str(out)]) == 0
     meta = json.loads((out / "bolaco.json").read_text())
-    assert meta["ranks"] == ranks and meta["params"] == count_params(model)
+    assert meta["levels"] == ranks and meta["params"] == count_params(model)
     assert set(meta["finetune"]["perplexity_before"]) == {"search", "test"}
     assert meta["finetune"]["tokens"] == 3 * 2 * 16
     assert (out / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
@@ -184,7 +207,7 @@ def test_dense_baseline_and_distillation(tmp_path):
         ref = torch.log_softmax(teacher(input_ids=batch).logits.double(), -1)
         logp = torch.log_softmax(out.logits.double(), -1)
         expected = float(out.loss) + 0.5 * float((ref.exp() * (ref - logp)).sum(-1).mean())
-    cfg = FinetuneConfig(steps=1, batch_size=2, lr=0.0, warmup=0, schedule="constant", distill=0.5)
+    cfg = FinetuneConfig(steps=1, batch_size=2, lr=1e-9, warmup=0, schedule="constant", distill=0.5)
     first = SubspaceTuner(model, cfg, teacher=teacher).fit(batch, progress=False)[0]
     assert first == pytest.approx(expected, rel=1e-4)
     with pytest.raises(BolacoError, match="teacher"):

@@ -10,9 +10,9 @@ import bolaco
 ROOT = Path(bolaco.__file__).parent
 # pipeline order; a stage may import any stage of lower rank. Measurement (evaluate) is used by every stage, so it
 # sits just above the shared modules; the command layer (cli, workspace, report) sees everything.
-SHARED = {"_version", "errors", "store", "layers", "heatmap", "data", "study", "model", "arch"}
+SHARED = {"_version", "errors", "registry", "store", "layers", "heatmap", "data", "study", "model", "arch"}
 RANK = {**{m: 0 for m in SHARED}, "evaluate": 1, "calibrate": 2, "decompose": 3, "search": 4, "finetune": 5,
-        "export": 6, "workspace": 7, "report": 7, "__init__": 7, "cli": 8}
+        "export": 6, "workspace": 7, "report": 7, "plan": 7, "__init__": 7, "commands": 8, "cli": 9, "__main__": 10}
 
 
 def _module_name(path: Path) -> str:

@@ -97,5 +97,5 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tmp_pat
     from test_search import tiny_workspace
     ws, comp = tiny_workspace(tmp_path)       # the workers' cache folder: nothing is recomputed
     comp.apply({k: int(v) for k, v in retried[0].user_attrs["ranks"].items()})
-    alone = perplexity(ws.model, ws.data["search"], ws.study.batch_size, progress=False)
+    alone = perplexity(ws.model, ws.data["search"], ws.study.evaluate.batch_size, progress=False)
     assert alone.nll == retried[0].value

@@ -5,10 +5,10 @@ the cache resumes)."""
 import pytest
 import torch
 
-from bolaco.decompose.bases import output_basis
-from bolaco.layers import LowRankLinear
 from bolaco.decompose.closed_loop import PairAccumulator, fit_linear, refit
-from conftest import tiny_model, uniform_compressor
+from bolaco.decompose.methods.factors import output_basis
+from bolaco.layers import ColumnsLinear, LowRankLinear, NarrowLinear
+from conftest import STRUCTURED, tiny_model, uniform_compressor
 
 
 def _paired(n=3000, d_in=9, d_out=7, seed=0):
@@ -22,7 +22,7 @@ def _paired(n=3000, d_in=9, d_out=7, seed=0):
 
 
 def _stats(x, t, chunk=700):
-    acc = PairAccumulator(x.shape[1], torch.device("cpu"))
+    acc = PairAccumulator(x.shape[1], t.shape[1], torch.device("cpu"))
     for i in range(0, len(x), chunk):
         acc.add(x[i:i + chunk].float(), t[i:i + chunk].float())
     return acc.stats()
@@ -73,6 +73,29 @@ def test_with_the_dense_inputs_it_is_the_open_loop_centred_method():
     assert torch.allclose(full["up"] @ full["down"], w, atol=1e-6) and torch.allclose(full["bias"], b, atol=1e-5)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+def test_a_structured_layer_is_the_ridge_regression_on_the_columns_it_reads(ridge):
+    """Without a rank: W* = (W A + lam P)(S + lam I)^-1 on the kept inputs t (here 5 of 9 columns of the
+    distorted inputs), bias W mu + b - W* mu_t; with no ridge it is the explicit least-squares fit."""
+    x, t, w, b = _paired(seed=2)
+    kept = [0, 2, 3, 6, 8]
+    stats = _stats(x, t[:, kept])
+    prior = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    got = fit_linear(w, b, stats, None, True, ridge=ridge, prior=prior)
+    x32, t32 = x.float().double(), t[:, kept].float().double()
+    if ridge == 0.0:
+        design = torch.cat([t32, torch.ones(len(t32), 1, dtype=torch.float64)], 1)
+        coef = torch.linalg.lstsq(design, x32 @ w.T + b).solution
+        assert torch.allclose(got["weight"], coef[:5].T, atol=2e-4) and torch.allclose(got["bias"], coef[5], atol=2e-4)
+    else:
+        s = torch.cov(t32.T, correction=0)
+        a = (x32 - x32.mean(0)).T @ (t32 - t32.mean(0)) / len(x32)
+        lam = ridge * s.diagonal().mean()
+        ref = (w @ a + lam * prior) @ torch.linalg.inv(s + lam * torch.eye(5, dtype=torch.float64))
+        assert torch.allclose(got["weight"], ref, atol=1e-6)
+        assert torch.allclose(got["bias"], w @ x32.mean(0) + b - ref @ t32.mean(0), atol=1e-6)
+
+
 def _calibration(seed=4, n=8):
     return torch.randint(0, 300, (n, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -88,17 +111,21 @@ def _block_outputs(model, adapter, ids):
     return outs
 
 
-def test_at_full_rank_the_refit_model_reproduces_the_dense_one(family, tmp_path):
+def test_at_full_size_the_refit_model_reproduces_the_dense_one(family, tmp_path):
+    """Structured units at their full level (per-matrix ones, whose bases stop at the break-even rank, stay
+    dense): every refit target is fitted, and the refitted model is the dense one."""
     model = tiny_model(family)
     calibration = _calibration()
-    adapter, comp = uniform_compressor(model, calibration, tmp_path)
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=STRUCTURED)
     with torch.no_grad():
         dense = model(input_ids=calibration).logits
-    full = {lid: min(li.d_in, li.d_out) for lid, li in adapter.linears.items()}
-    layers = refit(comp, full, calibration, centred=True, ridge=1e-9, progress=False)
-    assert set(layers) == set(full)
-    for lid, m in layers.items():
-        comp.install(lid, m)
+    full = {u.id: u.full for u in comp.budget.units.values() if u.type in STRUCTURED}
+    layers = refit(comp, full, calibration, ridge=1e-9, progress=False, holdout=0)
+    targets = {lid for uid in full for lid in comp.decomposition.method_of(uid).refit_targets(comp.budget.units[uid])}
+    assert set(layers) == targets and all(isinstance(m, (NarrowLinear, ColumnsLinear)) for m in layers.values())
+    for uid, level in full.items():
+        for lid, m in comp.open_loop(uid, level).items():
+            comp.install(lid, layers.get(lid, m))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=calibration).logits, dense, atol=1e-3)
     comp.restore()
@@ -111,14 +138,14 @@ def test_a_block_whose_refit_misses_the_held_out_sequences_keeps_its_open_loop_f
     adapter, comp = uniform_compressor(model, calibration, tmp_path)
     ranks = comp.budget.uniform(0.4)
     import bolaco.decompose.closed_loop as refit_module
-    judged, real = {}, refit_module._worse_than_open_loop   # every block's refitted candidate, as judged
+    judged, real = {}, refit_module._Refit.worse_than_open_loop   # every block's refitted candidate, as judged
 
-    def spy(block, comp, ranks, fitted, *rest):
-        judged[list(adapter.blocks).index(block)] = dict(fitted)
-        return real(block, comp, ranks, fitted, *rest)
+    def spy(self, block, b, held, dense_out, fitted, open_loop):
+        judged[b] = dict(fitted)
+        return real(self, block, b, held, dense_out, fitted, open_loop)
 
-    monkeypatch.setattr(refit_module, "_worse_than_open_loop", spy)
-    layers = refit(comp, ranks, calibration, centred=True, ridge=0.1, batch_size=4, progress=False)
+    monkeypatch.setattr(refit_module._Refit, "worse_than_open_loop", spy)
+    layers = refit(comp, ranks, calibration, ridge=0.1, batch_size=4, progress=False)
     kept = {int(l.split(".")[0]) for l in layers}
     assert sorted(judged) == list(range(adapter.n_blocks))
     assert kept and len(kept) < adapter.n_blocks            # some blocks refitted, some kept open-loop
@@ -139,21 +166,23 @@ def test_a_block_whose_refit_misses_the_held_out_sequences_keeps_its_open_loop_f
         assert (refitted <= open_loop + margin) == (b in kept), (b, refitted, open_loop)
 
 
-@pytest.mark.parametrize("method", ["feature", "feature-uncentred"])
-def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(method, tmp_path):
+@pytest.mark.parametrize("method, modules", [("feature", ()), ("feature-uncentred", ()), ("feature", STRUCTURED)],
+                         ids=["feature", "feature-uncentred", "structured"])
+def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(method, modules, tmp_path):
     model = tiny_model("qwen2", layers=4)
     calibration = _calibration(n=16)
-    adapter, comp = uniform_compressor(model, calibration, tmp_path, method=method)
+    adapter, comp = uniform_compressor(model, calibration, tmp_path, method=method, modules=modules)
     ranks = comp.budget.uniform(0.4)
     dense = _block_outputs(model, adapter, calibration)
     comp.apply(ranks)
     open_loop = _block_outputs(model, adapter, calibration)
-    centred = method == "feature"
+    targets = {lid for uid in ranks for lid in comp.decomposition.method_of(uid).refit_targets(comp.budget.units[uid])}
     for ridge in (0.1, 1e-4):    # the default shrinkage towards the dense layer, and almost pure regression
-        layers = refit(comp, ranks, calibration, centred=centred, ridge=ridge, batch_size=4, holdout=0,
+        layers = refit(comp, ranks, calibration, ridge=ridge, batch_size=4, holdout=0,
                        cache_root=tmp_path / "refit", progress=False)
-        assert set(layers) == set(ranks) and all(isinstance(m, LowRankLinear) for m in layers.values())
-        assert all(layers[l].rank == k for l, k in ranks.items())
+        assert set(layers) == targets
+        if not modules:
+            assert all(isinstance(m, LowRankLinear) and m.rank == ranks[lid] for lid, m in layers.items())
         comp.apply(ranks, layers)
         refitted = _block_outputs(model, adapter, calibration)
         comp.restore()
@@ -166,7 +195,7 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     import json
     done = json.loads(index.read_text())
     index.write_text(json.dumps({k: v for k, v in done.items() if int(k) < 2}))
-    again = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4, holdout=0,
+    again = refit(comp, ranks, calibration, ridge=1e-4, batch_size=4, holdout=0,
                   cache_root=tmp_path / "refit", progress=False)
     assert set(again) == set(layers)
     for lid in layers:
@@ -178,7 +207,7 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     data = bytearray(block1.read_bytes())
     data[-7] ^= 0xFF
     block1.write_bytes(bytes(data))
-    again = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4, holdout=0,
+    again = refit(comp, ranks, calibration, ridge=1e-4, batch_size=4, holdout=0,
                   cache_root=tmp_path / "refit", progress=False)
     assert all(torch.equal(p, q) for lid in layers for p, q in zip(layers[lid].parameters(), again[lid].parameters()))
 
@@ -187,10 +216,10 @@ def test_refit_never_raises_a_blocks_output_error_and_resumes_from_its_cache(met
     real = refit_module.run_block
     refit_module.run_block = lambda *a, **k: (_ for _ in ()).throw(AssertionError("a cached refit ran a block"))
     try:
-        cached = refit(comp, ranks, calibration, centred=centred, ridge=1e-4, batch_size=4, holdout=0,
+        cached = refit(comp, ranks, calibration, ridge=1e-4, batch_size=4, holdout=0,
                        cache_root=tmp_path / "refit", progress=False)
     finally:
         refit_module.run_block = real
     assert set(cached) == set(layers) and all(
         torch.equal(p, q) for lid in layers for p, q in zip(layers[lid].parameters(), cached[lid].parameters()))
-    assert all(type(adapter.module(l)) is torch.nn.Linear for l in ranks)   # the model is dense again
+    assert all(type(adapter.module(l)) is torch.nn.Linear for l in adapter.linears)   # the model is dense again

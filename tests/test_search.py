@@ -13,33 +13,34 @@ from bolaco import search
 from bolaco.arch import adapter_for
 from bolaco.errors import BolacoError
 from bolaco.export import count_params
-from bolaco.study import SearchConfig, Study
 from bolaco.workspace import Workspace
-from conftest import tiny_model
+from conftest import STRUCTURED, study_of, tiny_model
 
 HELPER = Path(__file__).parent / "helpers" / "tiny_worker.py"
 
 
-def tiny_workspace(tmp_path, sampler="botorch", layers=4, family="llama", **search_kw):
+def tiny_workspace(tmp_path, sampler="botorch", layers=4, family="llama", modules=(), name="tiny", **search_kw):
     model = tiny_model(family, layers=layers)
     g = torch.Generator().manual_seed(0)
     data = {"calibration": torch.randint(0, 300, (8, 16), generator=g),
-            "search": torch.randint(0, 300, (4, 16), generator=g)}
-    cfg = SearchConfig(**{"sampler": sampler, "trials": 8, "space": "groups", "groups": 2, "r_min": 0.2, "startup": 3,
-                          **search_kw})
-    study = Study(name="tiny", seq_len=16, partitions=2, remove=0.3, rank_multiple=2,
-                  storage=f"sqlite:///{tmp_path}/studies.db", cache_dir=str(tmp_path / "cache"), search=cfg)
+            "search": torch.randint(0, 300, (4, 16), generator=g),
+            "selection": torch.randint(0, 300, (4, 16), generator=g)}
+    study = study_of(name, seq_len=16, collect={"partitions": 2}, budget={"remove": 0.3},
+                     decompose={"rank_multiple": 2, "modules": list(modules)},
+                     storage=f"sqlite:///{tmp_path}/studies.db", cache_dir=str(tmp_path / "cache"),
+                     search={"sampler": sampler, "trials": 8, "space": "groups", "groups": 2, "r_min": 0.2,
+                             "startup": 3, **search_kw})
     ws = Workspace(study, model, None, adapter_for(model), data)
     return ws, ws.compressor(progress=False)
 
 
 def space_of(ws, comp):
-    return search.SearchSpace.from_study(ws.study, ws.adapter, comp.budget)
+    return search.SearchSpace.from_study(ws.study, comp.decomposition)
 
 
 def finished_allocations(opt):
     done = opt.get_trials(states=(TrialState.COMPLETE,))
-    return [tuple(sorted(t.user_attrs["ranks"].items())) for t in done]
+    return [tuple(sorted(t.user_attrs["levels"].items())) for t in done]
 
 
 def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_path):
@@ -51,25 +52,25 @@ def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_p
     space = space_of(ws, comp)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     for t in trials:
-        ranks = t.user_attrs["ranks"]
+        ranks = t.user_attrs["levels"]
         assert t.user_attrs["params"] == budget.params(ranks) <= target
         assert target - budget.params(ranks) < budget.min_step(ranks)
-        assert space.ranks(t.params) == ranks                       # the stored point is the evaluated one
+        assert space.levels(t.params) == ranks                       # the stored point is the evaluated one
         assert t.value == pytest.approx(math.log(t.user_attrs["search_ppl"]))   # the GP models log-perplexity
         x = space.vector(t.params)                                   # every point lies on the budget hyperplane
         assert float(space.coefficients @ x) == pytest.approx(space.rhs, rel=1e-9)
     assert trials[0].user_attrs["proposal"] == "uniform" and len(set(trials[0].params.values())) == 1
     assert [t.user_attrs["proposal"] for t in trials[1:]] == ["startup", "startup", "model", "model"]
     assert len(set(finished_allocations(opt))) == 5
-    assert len(list((tmp_path / "artifacts").iterdir())) == 5       # a heat map per completed trial
+    assert len([p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()]) == 5   # a heat map per trial
 
     again = search.run(ws, comp, create=True, trials=5, artifacts=str(tmp_path / "artifacts"))
     assert len(again.trials) == 5                        # nothing redone
     more = search.run(ws, comp, create=False, trials=8, artifacts=None)   # a joining worker
     assert [t.number for t in more.get_trials(states=(TrialState.COMPLETE,))] == list(range(8))
     assert len(set(finished_allocations(more))) == 8
-    ranks, best = search.best_ranks(ws.study)
-    assert best.value == min(t.value for t in more.trials) and ranks == best.user_attrs["ranks"]
+    ranks, best = search.best_levels(ws.study)
+    assert best.value == min(t.value for t in more.trials) and ranks == best.levels
     assert search.summary(more)["proposals"] == {"uniform": 1, "startup": 2, "model": 5}
 
 
@@ -92,7 +93,7 @@ def test_every_sampler_meets_the_budget_and_leaves_dense_types_alone(tmp_path, s
     trials = opt.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 5 and len(set(finished_allocations(opt))) == 5
     for t in trials:
-        ranks = t.user_attrs["ranks"]
+        ranks = t.user_attrs["levels"]
         assert not [lid for lid in ranks if lid.endswith(".v")]
         assert target - comp.budget.min_step(ranks) < t.user_attrs["params"] <= target
         assert all(0.5 <= v <= 1 for v in t.params.values())
@@ -106,8 +107,8 @@ def test_search_space_parameterisations(tmp_path):
     space = space_of(ws, comp)
     assert space.dim == 2 * 5 and "q+k.b0-1" in space.names
     column = space.names.index("q+k.b2-3")
-    assert [space.lids[i] for i in torch.nonzero(space.weights[:, column]).flatten()] == ["2.q", "2.k", "3.q", "3.k"]
-    ranks = space.ranks(space.uniform_point())
+    assert [space.uids[i] for i in torch.nonzero(space.weights[:, column]).flatten()] == ["2.q", "2.k", "3.q", "3.k"]
+    ranks = space.levels(space.uniform_point())
     assert not any(lid.endswith(".v") for lid in ranks)
     assert comp.budget.params(ranks) <= comp.budget.target(0.3)
 
@@ -118,9 +119,9 @@ def test_search_space_parameterisations(tmp_path):
     knots = space_of(ws, comp)
     assert knots.dim == 21 and knots.names[:3] == ("q.k0", "q.k1", "q.k2")
     # block b of 5 sits at 2b/4 on the knots: weights (1,0,0) (.5,.5,0) (0,1,0) (0,.5,.5) (0,0,1)
-    rows = [knots.lids.index(f"{b}.q") for b in range(5)]
+    rows = [knots.uids.index(f"{b}.q") for b in range(5)]
     assert knots.weights[rows, :3].tolist() == [[1, 0, 0], [.5, .5, 0], [0, 1, 0], [0, .5, .5], [0, 0, 1]]
-    assert torch.allclose(knots.weights.sum(1), torch.ones(len(knots.lids), dtype=torch.float64))
+    assert torch.allclose(knots.weights.sum(1), torch.ones(len(knots.uids), dtype=torch.float64))
     # projection: onto the plane, inside the box, and the identity on the plane
     x = torch.linspace(0.2, 1.0, knots.dim, dtype=torch.float64)
     p = knots.project(x)
@@ -150,33 +151,40 @@ def test_bad_search_input_is_refused(tmp_path):
     with pytest.raises(BolacoError, match="cannot meet remove"):
         space_of(ws, comp)
     ws, comp = tiny_workspace(tmp_path, tie=(("q", "qq"),))
-    with pytest.raises(BolacoError,
-                       match=r"unknown type\(s\) qq for a llama model \(its types are q, k, v, o, gate, up, down\)"):
+    with pytest.raises(BolacoError, match=r"unknown unit type\(s\) qq in search.tie or search.dense \(this study's "
+                                          r"unit types are q, k, v, o, gate, up, down\)"):
         space_of(ws, comp)
     with pytest.raises(BolacoError, match="cannot open the study storage"):
         search.open_storage("postgresql+psycopg://nobody@127.0.0.1:9/none")
     ws, comp = tiny_workspace(tmp_path)
-    with pytest.raises(BolacoError, match="start it with `make study`"):
+    with pytest.raises(BolacoError, match="no study store at"):   # a mistyped path is not created
         search.run(ws, comp, create=False)
+    assert not list(tmp_path.glob("*.db"))
     search.run(ws, comp, create=True, trials=1, artifacts=None)
-    ws.study = ws.study.with_overrides(search=SearchConfig(**{**ws.study.search.__dict__, "space": "types"}))
-    with pytest.raises(BolacoError, match="created with another variables, space"):
+    ws.study = ws.study.override(search__space="types")
+    with pytest.raises(BolacoError, match="created with another search.variables: its trials answer another "
+                                          "question; start a new study"):
         search.run(ws, comp, create=True, trials=2, artifacts=None)
 
 
 def test_malformed_study_files_are_refused(tmp_path):
     from bolaco.study import load_study
-    cases = {"sampler: cmaes": "search.sampler is 'cmaes'; choose from botorch, gp, tpe, random",
-             "trials: 0": r"search.trials is 0, but it must be >= 1", "colour: red": "unknown key",
-             "tie: [[q, k]]\n  nonsense: 1": "unknown key", "space: spline": "search.space is 'spline'; choose from",
-             "objective: bleu": r"search.objective is 'bleu'; choose from ppl, kl, ppl\+kl",
-             "r_min: '0.2'": "search.r_min must be a number, not '0.2'",
+    from bolaco.workspace import check_names
+    cases = {"sampler: cmaes": "search.sampler: unknown sampler 'cmaes'; choose from random, botorch, gp, tpe",
+             "trials: 0": r"search.trials is 0: input should be greater than or equal to 1",
+             "colour: red": r"unknown key 'search.colour' \(allowed there: sampler, trials, ",
+             "tie: [[q, k]]\n  nonsense: 1": "unknown key 'search.nonsense'",
+             "space: spline": "search.space is 'spline': input should be 'types', 'groups' or 'knots'",
+             "objective: bleu": r"search.objective: unknown objective 'bleu'; choose from ppl, kl, ppl\+kl",
+             "tie: qk": r"search.tie is 'qk': input should be a valid tuple",
+             "design: [uniform, guess]": "search.design: unknown start-up design 'guess'; choose from uniform, "
+                                         "importance, sensitivity",
              "coarse_trials: 5\n  sampler: gp": "needs sampler botorch"}
     for body, message in cases.items():
         f = tmp_path / "s.yaml"
         f.write_text("name: s\nsearch:\n  " + body + "\n")
         with pytest.raises(BolacoError, match=message):
-            load_study(f)
+            check_names(load_study(f))
     f.write_text("name: [unclosed\n")
     with pytest.raises(BolacoError, match="not valid YAML"):
         load_study(f)
@@ -200,7 +208,7 @@ def test_a_failed_model_step_is_recorded_and_counted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sampler_module, "botorch_step", fail)
     ws, comp = tiny_workspace(tmp_path, startup=1)
-    with pytest.warns(UserWarning, match="sampler failed on trial"):
+    with pytest.warns(UserWarning, match="model step failed on trial"):
         opt = search.run(ws, comp, create=True, trials=4, artifacts=None)
     trials = opt.get_trials(states=(TrialState.COMPLETE,))
     assert [t.user_attrs["proposal"] for t in trials] == ["uniform", "startup", "fallback-acqf", "fallback-acqf"]
@@ -232,9 +240,9 @@ def test_a_proposal_gives_way_to_a_later_trial_that_recorded_the_same_map_first(
     opt = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
     first, second = opt.ask(), opt.ask()
     ranks = {"0.q": 8, "0.k": 4}
-    second.set_user_attr("ranks", ranks)
+    second.set_user_attr("levels", ranks)
     assert Worker._twin(SimpleNamespace(opt=opt), second, ranks) is None
-    first.set_user_attr("ranks", dict(reversed(ranks.items())))
+    first.set_user_attr("levels", dict(reversed(ranks.items())))
     assert Worker._twin(SimpleNamespace(opt=opt), first, ranks) == second.number
     opt.tell(second, state=TrialState.FAIL)   # a failed trial's map may be proposed again
     assert Worker._twin(SimpleNamespace(opt=opt), first, ranks) is None
@@ -264,17 +272,23 @@ def test_two_worker_processes_never_repeat_an_allocation(tmp_path):
     import optuna
     opt = optuna.load_study(study_name="tiny-botorch", storage=storage)
     allocations = finished_allocations(opt)
-    assert len(allocations) >= 9 and len(set(allocations)) == len(allocations)
+    assert len(allocations) == 9 and len(set(allocations)) == len(allocations)   # the target, not one more
     assert len({t.user_attrs["worker"] for t in opt.get_trials(states=(TrialState.COMPLETE,))[1:]}) == 2
 
 
-def test_every_family_runs_a_search_and_its_parameter_count_is_exact(family, tmp_path):
-    ws, comp = tiny_workspace(tmp_path, sampler="random", family=family, trials=2)
+@pytest.mark.parametrize("modules", [(), STRUCTURED], ids=["factors", "structured"])
+def test_every_family_runs_a_search_and_its_parameter_count_is_exact(family, modules, tmp_path):
+    ws, comp = tiny_workspace(tmp_path, sampler="random", family=family, trials=2, modules=modules)
     dense_params = count_params(ws.model)
     opt = search.run(ws, comp, create=True, trials=2, artifacts=None)
     trials = opt.get_trials(states=(TrialState.COMPLETE,))
-    assert len(trials) == 2 and set(opt.user_attrs["variables"]) >= {f"{t}.b0-1" for t in ws.adapter.types}
-    ranks = trials[1].user_attrs["ranks"]
+    types = comp.decomposition.unit_types
+    assert len(trials) == 2 and set(opt.user_attrs["identity"]["search.variables"]) == {f"{t}.b{r}" for t in types
+                                                                                        for r in ("0-1", "2-3")}
+    taken = [m for m in modules if m in ws.adapter.modules]         # a family without a module keeps factors
+    assert set(types) == set(taken) | {t for t in ws.adapter.types
+                                       if not any(t in ws.adapter.modules[m] for m in taken)}
+    ranks = trials[1].user_attrs["levels"]
     comp.apply(ranks)
     try:
         assert count_params(ws.model) == sum(p.numel() for p in ws.model.parameters())
@@ -284,13 +298,12 @@ def test_every_family_runs_a_search_and_its_parameter_count_is_exact(family, tmp
 
 
 def test_a_trial_can_refit_its_allocation(tmp_path, monkeypatch):
-    """search.refit: each trial evaluates the closed-loop refitted factors of its rank map, fitted on
+    """search.refit_trials: each trial evaluates the closed-loop refitted layers of its level map, fitted on
     search.refit_sequences calibration sequences spread over the role."""
     import bolaco.workspace as workspace_module
     ws, comp = tiny_workspace(tmp_path, sampler="random", trials=2)
     plain = search.run(ws, comp, create=True, trials=2, artifacts=None)
-    ws.study = ws.study.with_overrides(name="refit", search=SearchConfig(**{**ws.study.search.__dict__,
-                                                                            "refit": True, "refit_sequences": 3}))
+    ws.study = ws.study.override(name="refit", search__refit_trials=True, search__refit_sequences=3)
     seen, real = [], workspace_module.refit
     monkeypatch.setattr(workspace_module, "refit", lambda c, r, calibration, **kw: seen.append(calibration) or real(
         c, r, calibration, **kw))
@@ -299,12 +312,90 @@ def test_a_trial_can_refit_its_allocation(tmp_path, monkeypatch):
     calibration = ws.data["calibration"]                               # 8 sequences: rows 0, 4 (3.5) and 7
     assert len(seen) == 2 and all(torch.equal(c, calibration[[0, 4, 7]]) for c in seen)
     for a, b in zip(plain.trials, refitted.trials):
-        assert a.user_attrs["ranks"] == b.user_attrs["ranks"]         # same seeds, same allocations
+        assert a.user_attrs["levels"] == b.user_attrs["levels"]       # same seeds, same allocations
         assert b.value != a.value
-        ranks = b.user_attrs["ranks"]                                  # the value is that of the refitted factors
+        ranks = b.user_attrs["levels"]                                 # the value is that of the refitted factors
         comp.apply(ranks, ws.refit(comp, ranks, cache=False, progress=False, sequences=3))
         try:
-            expected = perplexity.perplexity(ws.model, ws.data["search"], ws.study.batch_size).nll
+            expected = perplexity.perplexity(ws.model, ws.data["search"], ws.study.evaluate.batch_size).nll
         finally:
             comp.restore()
         assert b.value == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_same_seed_on_the_same_machine_gives_the_same_trials(tmp_path):
+    """Two fresh studies of one study file (new storage, same cache): identical parameters and values, trial by
+    trial, model proposals included."""
+    runs = []
+    for store in ("a", "b"):
+        ws, comp = tiny_workspace(tmp_path, startup=2)
+        ws.study = ws.study.override(storage=f"sqlite:///{tmp_path}/{store}.db")
+        opt = search.run(ws, comp, create=True, trials=6, artifacts=None)
+        runs.append([(t.params, t.value, t.user_attrs["proposal"]) for t in opt.get_trials()])
+    assert runs[0] == runs[1] and [p for _, _, p in runs[0]][-1] == "model"
+
+
+def test_designed_allocations_come_first_and_follow_their_rules(tmp_path):
+    from bolaco.search.design import MAX_REMOVED, SMOOTHING
+    ws, comp = tiny_workspace(tmp_path, sampler="random", modules=STRUCTURED, space="groups", groups=4,
+                              design=("uniform", "importance", "sensitivity"), r_min=0.1)
+    opt = search.run(ws, comp, create=True, trials=4, artifacts=None)
+    trials = opt.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.user_attrs["proposal"] for t in trials] == ["uniform", "design:importance", "design:sensitivity",
+                                                          "startup"]
+    space = space_of(ws, comp)
+    for t in trials:
+        assert float(space.coefficients @ space.vector(t.params)) == pytest.approx(space.rhs, rel=1e-9)
+    # importance: removal shares softmax(-(1 - cos) / 0.015) over blocks, as MoDeGPT allocates, then projected
+    cov = ws.covariances(progress=False)
+    scores = torch.tensor([1 - cov.block_cosine(b) for b in range(4)], dtype=torch.float64)
+    weights = torch.softmax(-scores / SMOOTHING, 0)
+    allowed = space.rhs + sum(comp.budget.units[u].fixed for u in space.uids)
+    removed = (weights * 4 * (1 - allowed / sum(comp.budget.dense(u) for u in space.uids))).clamp(max=MAX_REMOVED)
+    point = space.vector(trials[1].params)
+    by_block = [float(point[space.names.index(f"mlp.b{b}-{b}")]) for b in range(4)]
+    order = sorted(range(4), key=lambda b: float(removed[b]))
+    assert sorted(range(4), key=lambda b: -by_block[b]) == order or len(set(by_block)) == 1
+    # sensitivity: the type whose compression raised the search loss most keeps the most
+    sens = space.keeps(space.vector(trials[2].params))
+    mean = {t: sum(v for u, v in sens.items() if u.endswith(f".{t}")) / 4 for t in ("qk", "vo", "mlp")}
+    assert len(set(round(v, 6) for v in mean.values())) > 1
+
+
+def test_a_resume_with_another_budget_or_model_is_refused(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, sampler="random")
+    search.run(ws, comp, create=True, trials=2, artifacts=None)
+    again, comp2 = tiny_workspace(tmp_path, sampler="random")
+    again.study = again.study.override(budget__remove=0.5)
+    with pytest.raises(BolacoError, match=r"was created with another budget.remove: its trials answer another "
+                                          r"question; start a new study \(--set name=<new name>\)"):
+        search.run(again, comp2, create=False, trials=3, artifacts=None)
+    other, comp3 = tiny_workspace(tmp_path, sampler="random")
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)     # other weights, same shapes
+    other.__dict__.pop("fingerprint", None)
+    with pytest.raises(BolacoError, match="created with another model"):
+        search.run(other, comp3, create=True, trials=3, artifacts=None)
+    assert len(search.load_optuna_study(ws.study).trials) == 2
+
+
+def test_the_best_few_are_measured_again_on_the_selection_split(tmp_path):
+    ws, comp = tiny_workspace(tmp_path, sampler="random", modules=STRUCTURED)
+    ws.study = ws.study.override(decompose__refit=True)
+    opt = search.run(ws, comp, create=True, trials=4, artifacts=None)
+    levels, refitted, record = search.select(ws, comp, opt, top=2)
+    best_two = sorted(opt.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:2]
+    cands = record["candidates"]
+    assert [(c["trial"], c["refit"]) for c in cands] == [(t.number, r) for t in best_two for r in (False, True)]
+    for c in cands:      # every value is the selection split's perplexity of that trial, as it would be exported
+        trial = next(t for t in best_two if t.number == c["trial"])
+        lv = trial.user_attrs["levels"]
+        comp.apply(lv, ws.refit(comp, lv) if c["refit"] else None)
+        try:
+            ppl = perplexity.perplexity(ws.model, ws.data["selection"], 8, progress=False).ppl
+        finally:
+            comp.restore()
+        assert c["selection_ppl"] == pytest.approx(ppl, rel=1e-9)
+    winner = min(cands, key=lambda c: c["selection_value"])
+    assert (record["trial"], record["refit"]) == (winner["trial"], winner["refit"]) and refitted == winner["refit"]
+    assert levels == next(t for t in best_two if t.number == winner["trial"]).user_attrs["levels"]

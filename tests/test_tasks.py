@@ -94,8 +94,9 @@ def test_wikitext_word_perplexity_agrees_with_independent_rolling_windows(lm):
 
 
 def test_local_loaders_errors_and_splits(piqa_dir):
-    with pytest.raises(BolacoError, match="unknown task"):
-        load_tasks(["mmlu"], piqa_dir)
+    with pytest.raises(BolacoError, match=r"unknown task\(s\) no_such_task: neither bolaco's"):
+        load_tasks(["no_such_task"], piqa_dir)
+
     with pytest.raises(BolacoError, match="not found"):
         load_tasks(["arc_easy"], piqa_dir)
     doc = load_tasks(["piqa"], piqa_dir)["tasks"]["piqa"].eval_docs[1]

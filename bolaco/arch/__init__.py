@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from ..errors import BolacoError
-from .base import Adapter, LinearInfo, linear_id, parse_linear_id
+from .base import Adapter, Heads, LinearInfo, linear_id, model_type_of, parse_linear_id
 from .llama import Gemma3Multimodal, LlamaLike
 from .moe import MixtureOfExperts
 from .phi3 import Phi3
@@ -19,11 +19,11 @@ def supported() -> str:
 
 
 def adapter_for(model) -> Adapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     if model_type not in REGISTRY:
         raise BolacoError(f"unsupported architecture '{model_type}': bolaco supports {supported()} "
                           "(`bolaco families` lists them)")
     return REGISTRY[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "LinearInfo", "adapter_for", "linear_id", "parse_linear_id", "supported"]
+__all__ = ["ADAPTERS", "Adapter", "Heads", "LinearInfo", "adapter_for", "linear_id", "parse_linear_id", "supported"]

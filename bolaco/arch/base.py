@@ -17,13 +17,35 @@ from ..errors import BolacoError
 
 
 def linear_id(block: int, type_: str) -> str:
-    """The model-independent name of a decomposable linear, used as the key of rank maps."""
+    """The model-independent name of a decomposable linear ("3.q"), or of a unit of several ("3.mlp"): the keys of
+    level maps, search variables and reports."""
     return f"{block}.{type_}"
 
 
 def parse_linear_id(lid: str) -> tuple[int, str]:
     block, type_ = lid.split(".")
     return int(block), type_
+
+
+def model_type_of(model) -> str | None:
+    """The architecture's model_type; for a loaded bolaco export, the base architecture's."""
+    config = getattr(model, "config", None)
+    bolaco = getattr(config, "bolaco", None)
+    if isinstance(bolaco, dict) and "base_model_type" in bolaco:
+        return bolaco["base_model_type"]
+    return getattr(config, "model_type", None)
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The attention geometry of a family: query heads, key/value heads (GQA groups) and the head dimension."""
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        return self.n_heads // self.n_kv
 
 
 @dataclass(frozen=True)
@@ -45,11 +67,13 @@ class Adapter:
     blocks_path: str = "model.layers"
     paths: dict[str, str] = {}                   # type -> module path inside a block
     records: dict[str, tuple[str, ...]] = {}     # record -> the types that read its input, in order
+    # structured module -> the types it takes over (bolaco.decompose's mlp, qk and vo methods)
+    modules: dict[str, tuple[str, ...]] = {}
     dense_note: str = ""                         # what stays dense in this family, and why
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.family: str = model.config.model_type
+        self.family = str(model_type_of(model))
         self.blocks = cast(nn.ModuleList, model.get_submodule(self.blocks_path))
         self.linears: dict[str, LinearInfo] = {}
         for b in range(len(self.blocks)):
@@ -60,11 +84,13 @@ class Adapter:
                 except AttributeError:
                     raise BolacoError(f"model_type '{self.family}': block {b} has no module {rel}; bolaco's "
                                       f"{self.name} adapter expects {', '.join(self.paths.values())}")
-                bias = getattr(mod, "dense_bias", None)   # set on layers bolaco made low-rank
+                # a layer bolaco made smaller records the dense layer's shape and bias (bolaco.layers)
+                bias = getattr(mod, "dense_bias", None)
                 if bias is None:
                     bias = mod.bias is not None
                 self.linears[linear_id(b, t)] = LinearInfo(
-                    linear_id(b, t), b, t, path, mod.in_features, mod.out_features, bias)
+                    linear_id(b, t), b, t, path, getattr(mod, "dense_in", mod.in_features),
+                    getattr(mod, "dense_out", mod.out_features), bias)
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -84,6 +110,13 @@ class Adapter:
     @property
     def max_seq_len(self) -> int:
         return int(self.model.config.get_text_config().max_position_embeddings)
+
+    @property
+    def heads(self) -> Heads:
+        cfg = self.model.config.get_text_config()
+        n = int(cfg.num_attention_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
+        return Heads(n, int(getattr(cfg, "num_key_value_heads", None) or n), int(head_dim))
 
     def module(self, lid: str) -> nn.Module:
         return self.model.get_submodule(self.linears[lid].path)

@@ -10,6 +10,7 @@ from .base import Adapter
 LLAMA_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 LLAMA_RECORDS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+LLAMA_MODULES = {"qk": ("q", "k"), "vo": ("v", "o"), "mlp": ("gate", "up", "down")}
 
 
 class LlamaLike(Adapter):
@@ -18,6 +19,7 @@ class LlamaLike(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite")
     paths = LLAMA_PATHS
     records = LLAMA_RECORDS
+    modules = LLAMA_MODULES
 
 
 class Gemma3Multimodal(LlamaLike):

@@ -6,7 +6,7 @@ exists they stay dense, as do the router and Qwen2-MoE's shared expert; the budg
 projections only."""
 
 from .base import Adapter
-from .llama import LLAMA_PATHS, LLAMA_RECORDS
+from .llama import LLAMA_MODULES, LLAMA_PATHS, LLAMA_RECORDS
 
 
 class MixtureOfExperts(Adapter):
@@ -14,4 +14,5 @@ class MixtureOfExperts(Adapter):
     model_types = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
     paths = {t: LLAMA_PATHS[t] for t in ("q", "k", "v", "o")}
     records = {r: LLAMA_RECORDS[r] for r in ("attn_in", "o_in")}
+    modules = {m: LLAMA_MODULES[m] for m in ("qk", "vo")}
     dense_note = "experts, router and shared expert stay dense (3-D expert tensors; routing-aware statistics needed)"

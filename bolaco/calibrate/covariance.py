@@ -1,18 +1,17 @@
-"""Collect: pooled covariances of the inputs of every decomposable linear (DESIGN 2.3), cached per block.
+"""Collect: pooled covariances of the inputs of every decomposable linear (docs/design.md, "Collect"), per block.
 
-The calibration set runs through the model one decoder block at a time (inputs of block 0 are
-captured once, then each block's outputs feed the next), so memory holds one block's statistics
-and the calibration hidden states, never all activations, and each finished block is written
-to disk before the next starts.
+The calibration set runs through the model one decoder block at a time (inputs of block 0 are captured once, then
+each block's outputs feed the next), so memory holds one block's statistics and the calibration hidden states,
+never all activations, and each finished block is written to disk before the next starts.
 
-Per record (one input tensor shared by q/k/v, o, gate/up, down) and per partition p of the
-calibration sequences: mean mu_p and centred covariance C_p. Stored: the pooled covariance
-Sigma = mean_p C_p, the partition means (mu = mean_p mu_p) and the token count. Partitions have
-equal token counts, so the uncentred second moment over all tokens is exactly
-E[xx^T] = Sigma + mean_p mu_p mu_p^T.
+Per record (one input tensor shared by q/k/v, o, gate/up, down) and per partition p of the calibration sequences:
+mean mu_p and centred covariance C_p. Stored: the pooled covariance Sigma = mean_p C_p, the partition means
+(mu = mean_p mu_p) and the token count. Partitions have equal token counts, so the uncentred second moment over all
+tokens is exactly E[xx^T] = Sigma + mean_p mu_p mu_p^T. Per block also the mean cosine similarity of the block's
+input and output hidden states (MoDeGPT's block importance is one minus it).
 
-Sums are accumulated in float64; on disk the covariance is the upper triangle in float32 (a quarter of the
-dense float64 matrix; relative error at most 2^-24 per entry), the means stay float64.
+Sums are accumulated in float64; on disk the covariance is the upper triangle in float32 (a quarter of the dense
+float64 matrix; relative error at most 2^-24 per entry), the means stay float64.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from ..model import fingerprint
 from ..store import BlockStore, key_hash
 from .stream import capture_block_inputs, execution_device, on_device, run_block
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3   # 3: the block's input/output cosine similarity
 
 
 def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
@@ -50,34 +49,57 @@ def unpack_symmetric(v: torch.Tensor, d: int) -> torch.Tensor:
     return m
 
 
-def gram(z: torch.Tensor) -> torch.Tensor:
-    """z^T z in float32. Half-precision activations on a GPU use the tensor cores with float32 accumulation
+def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b in float32. Half-precision activations on a GPU use the tensor cores with float32 accumulation
     (the products of half values are exact in float32); elsewhere the product is taken in float32."""
-    if z.is_cuda and z.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         try:
-            return torch.mm(z.T, z, out_dtype=torch.float32)
+            return torch.mm(a.T, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError):   # torch without the out_dtype overload
             pass
-    z = z.float()
-    return z.T @ z
+    return a.float().T @ b.float()
 
 
-def cache_bytes(adapter: Adapter, partitions: int) -> int:
-    """Bytes the covariance cache of `adapter`'s model takes on disk (before the small JSON files)."""
-    dims = (adapter.record_dim(r) for r in adapter.record_names)
-    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in dims)
-    return per_block * adapter.n_blocks
+class ShiftedSums:
+    """Float64 sums of float32 chunk products of a stream x with a stream y (y = x when not given). Each float32
+    stream is shifted by its first chunk's mean, so that Cov = E[zz'^T] - E[z]E[z']^T does not cancel
+    catastrophically on large-mean channels; half-precision inputs keep their exact products unshifted."""
 
+    def __init__(self, dim_x: int, dim_y: int | None, device: torch.device):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)   # noqa: E731
+        self.dims = (dim_x, dim_y or dim_x)
+        self.paired = dim_y is not None
+        self.sx, self.sy, self.sxy, self.n = z(self.dims[0]), z(self.dims[1]), z(*self.dims), 0
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
-def check_disk(folder: Path, needed: int, what: str) -> None:
-    """Refuse to start a cache that the disk cannot hold."""
-    probe = Path(folder)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise BolacoError(f"the {what} needs {needed / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB are "
-                          "free: free some space or point cache_dir (--cache-dir) at a larger disk")
+    @staticmethod
+    def _shift_of(x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(0) if x.dtype == torch.float32 else torch.zeros(x.shape[1], device=x.device)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        x = x.detach().reshape(-1, self.dims[0])
+        y = x if y is None else y.detach().reshape(-1, self.dims[1])
+        if self.shift is None:
+            self.shift = (self._shift_of(x), self._shift_of(y) if self.paired else self._shift_of(x))
+        zx = x - self.shift[0] if x.dtype == torch.float32 else x
+        zy = zx if not self.paired else (y - self.shift[1] if y.dtype == torch.float32 else y)
+        self.sx += zx.sum(0, dtype=torch.float64)
+        self.sy += zy.sum(0, dtype=torch.float64) if self.paired else 0
+        self.sxy += products(zx, zy).double()
+        self.n += zx.shape[0]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.shift is not None, "no chunk added"
+        mx = self.sx / self.n
+        my = self.sy / self.n if self.paired else mx
+        return self.shift[0].double() + mx, self.shift[1].double() + my
+
+    def cov(self) -> torch.Tensor:
+        """Cov(x, y) = E[(x - mu_x)(y - mu_y)^T] (symmetrised when y is x)."""
+        mx = self.sx / self.n
+        my = self.sy / self.n if self.paired else mx
+        c = self.sxy / self.n - torch.outer(mx, my)
+        return c if self.paired else (c + c.T) / 2
 
 
 @dataclass(frozen=True)
@@ -98,43 +120,27 @@ class Moments:
         return self.cov + mu.T @ mu / mu.shape[0]
 
 
-class _Accumulator:
-    """Per-partition sums in float64 from float32 chunk products, shifted by the first chunk's mean
-    so that C = E[zz^T] - E[z]E[z]^T does not cancel catastrophically on large-mean channels."""
+class PooledAccumulator:
+    """The pooled covariance of one record over equal partitions of the calibration tokens."""
 
     def __init__(self, dim: int, device: torch.device):
         self.dim, self.device = dim, device
-        self.shift: torch.Tensor | None = None   # float32 inputs only: half ones keep their exact products
         self.cov_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.means: list[torch.Tensor] = []
         self.count = 0
-        self._reset()
-
-    def _reset(self):
-        self.n = 0
-        self.s1 = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self.s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self.part = ShiftedSums(dim, None, device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.dim)
-        if self.shift is None:
-            self.shift = x.float().mean(0) if x.dtype == torch.float32 else torch.zeros(self.dim, device=x.device)
-        z = x - self.shift if x.dtype == torch.float32 else x
-        self.s1 += z.sum(0, dtype=torch.float64)
-        self.s2 += gram(z).double()
-        self.n += z.shape[0]
+        self.part.add(x)
 
     def end_partition(self) -> None:
-        m = self.s1 / self.n
-        self.cov_sum += self.s2 / self.n - torch.outer(m, m)
-        assert self.shift is not None, "end_partition before any add"
-        self.means.append(self.shift.double() + m)
-        self.count += self.n
-        self._reset()
+        self.cov_sum += self.part.cov()
+        self.means.append(self.part.means()[0])
+        self.count += self.part.n
+        self.part = ShiftedSums(self.dim, None, self.device)
 
     def moments(self) -> Moments:
-        cov = self.cov_sum / len(self.means)
-        return Moments((cov + cov.T) / 2, torch.stack(self.means), self.count)
+        return Moments(self.cov_sum / len(self.means), torch.stack(self.means), self.count)
 
 
 class CovarianceCache:
@@ -152,6 +158,28 @@ class CovarianceCache:
         means = t[f"{record}.partition_means"]
         return Moments(unpack_symmetric(t[f"{record}.cov"], means.shape[1]), means, int(t[f"{record}.count"].item()))
 
+    def block_cosine(self, block: int) -> float:
+        """Mean cosine similarity of the block's input and output hidden states over the calibration tokens."""
+        return float(self.store.read(block)["block.cosine"])
+
+
+def cache_bytes(adapter: Adapter, partitions: int) -> int:
+    """Bytes the covariance cache of `adapter`'s model takes on disk (before the small JSON files)."""
+    dims = (adapter.record_dim(r) for r in adapter.record_names)
+    per_block = sum(d * (d + 1) // 2 * 4 + partitions * d * 8 + 8 for d in dims) + 8
+    return per_block * adapter.n_blocks
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start a cache that the disk cannot hold."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise BolacoError(f"the {what} needs {needed / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB are "
+                          "free: free some space or point cache_dir (--cache-dir) at a larger disk")
+
 
 def cache_key(model: torch.nn.Module, calibration: torch.Tensor, partitions: int) -> dict:
     return {"model": fingerprint(model), "calibration": token_hash(calibration),
@@ -161,6 +189,45 @@ def cache_key(model: torch.nn.Module, calibration: torch.Tensor, partitions: int
 
 def cache_dir(cache_root: str | Path, key: dict) -> Path:
     return Path(cache_root) / key_hash(key)
+
+
+def _batches(calibration: torch.Tensor, partitions: int, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Batches of calibration rows that never straddle a partition, and the partition of each."""
+    per_part = len(calibration) // partitions
+    batches, owner = [], []
+    for p in range(partitions):
+        for s in range(p * per_part, (p + 1) * per_part, batch_size):
+            batches.append(calibration[s:min(s + batch_size, (p + 1) * per_part)])
+            owner.append(p)
+    return batches, owner
+
+
+def _block_statistics(adapter: Adapter, block_index: int, block, states, block_kwargs, owner,
+                      device) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run one block over every batch with hooks on its records: (the block file's tensors, the next states)."""
+    records = adapter.block_records(block_index)
+    acc = {r: PooledAccumulator(adapter.record_dim(r), device) for r in adapter.record_names}
+    hooks = [adapter.module(records[r][0]).register_forward_pre_hook(lambda _m, args, r=r: acc[r].add(args[0]))
+             for r in adapter.record_names]
+    cosine, tokens, new_states = 0.0, 0, []
+    try:
+        for i, (h, kw) in enumerate(zip(states, block_kwargs)):
+            out = run_block(block, h, kw)
+            new_states.append(out)
+            cosine += float(torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1).double().sum())
+            tokens += h.shape[0] * h.shape[1]
+            if i + 1 == len(states) or owner[i + 1] != owner[i]:
+                for a in acc.values():
+                    a.end_partition()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tensors = {"block.cosine": torch.tensor(cosine / tokens, dtype=torch.float64)}
+    for r, a in acc.items():
+        m = a.moments()
+        tensors.update({f"{r}.cov": pack_symmetric(m.cov).cpu(), f"{r}.partition_means": m.partition_means.cpu(),
+                        f"{r}.count": torch.tensor([m.count])})
+    return tensors, new_states
 
 
 def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions: int = 1, batch_size: int = 8,
@@ -186,13 +253,8 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
     todo = [b for b in range(adapter.n_blocks) if not store.has(b)]
     if not todo:
         return CovarianceCache(store)
-
     device = execution_device(model, device)
-    per_part = n_seq // partitions
-    batches = [calibration[s:s + min(batch_size, p * per_part + per_part - s)]
-               for p in range(partitions) for s in range(p * per_part, (p + 1) * per_part, batch_size)]
-    batch_partition = [p for p in range(partitions) for _ in range(p * per_part, (p + 1) * per_part, batch_size)]
-    tokens = n_seq * seq_len
+    batches, owner = _batches(calibration, partitions, batch_size)
     start, done = time.perf_counter(), 0
     with tqdm(total=adapter.n_blocks, initial=adapter.n_blocks - len(todo), desc="collect", unit="block",
               disable=not progress) as bar, torch.inference_mode():
@@ -204,29 +266,10 @@ def collect(model, calibration: torch.Tensor, cache_root: str | Path, partitions
                 if store.has(b):   # finished earlier: only move the hidden states on
                     states = [run_block(block, h, kw) for h, kw in zip(states, block_kwargs[b])]
                     continue
-                records = adapter.block_records(b)
-                acc = {r: _Accumulator(adapter.record_dim(r), device) for r in adapter.record_names}
-                hooks = [adapter.module(records[r][0]).register_forward_pre_hook(
-                    lambda _m, args, r=r: acc[r].add(args[0])) for r in adapter.record_names]
-                try:
-                    new_states = []
-                    for i, (h, kw) in enumerate(zip(states, block_kwargs[b])):
-                        new_states.append(run_block(block, h, kw))
-                        if i + 1 == len(states) or batch_partition[i + 1] != batch_partition[i]:
-                            for a in acc.values():
-                                a.end_partition()
-                finally:
-                    for h in hooks:
-                        h.remove()
-            states = new_states
-            tensors = {}
-            for r, a in acc.items():
-                m = a.moments()
-                tensors.update({f"{r}.cov": pack_symmetric(m.cov).cpu(),
-                                f"{r}.partition_means": m.partition_means.cpu(),
-                                f"{r}.count": torch.tensor([m.count])})
+                tensors, states = _block_statistics(adapter, b, block, states, block_kwargs[b], owner, device)
             store.write(b, tensors)
             done += 1
             bar.update(1)
-            bar.set_postfix_str(f"{tokens * done / adapter.n_blocks / (time.perf_counter() - start):.0f} tok/s")
+            bar.set_postfix_str(f"{n_seq * seq_len * done / adapter.n_blocks / (time.perf_counter() - start):.0f} "
+                                "tok/s")
     return CovarianceCache(store)

@@ -16,6 +16,11 @@ from contextlib import contextmanager
 import torch
 
 from ..arch import Adapter
+from ..model import model_device
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass at the module whose input was wanted."""
 
 
 def move(obj, device, memo: dict | None = None):
@@ -34,10 +39,6 @@ def move(obj, device, memo: dict | None = None):
     return obj
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def is_dispatched(model: torch.nn.Module) -> bool:
     """Placed across devices by accelerate (device_map): blocks must not be moved by hand."""
     return len(set(getattr(model, "hf_device_map", {}).values())) > 1
@@ -52,9 +53,6 @@ def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], d
     for batch i), on `device`. Every block's forward is bypassed meanwhile, so this costs the embeddings only;
     tensors the model shares between blocks stay shared."""
 
-    class _Captured(Exception):
-        pass
-
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = [[] for _ in adapter.blocks]
     memo: dict = {}
@@ -67,7 +65,7 @@ def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], d
                 hidden.append(h.to(device))
             kwargs[b].append(move(kw, device, memo))
             if b == last:
-                raise _Captured
+                raise _Reached
             return h
         return forward
 
@@ -80,7 +78,7 @@ def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], d
         for ids in batches:
             try:
                 model(input_ids=ids.to(first), use_cache=False)
-            except _Captured:
+            except _Reached:
                 pass
     finally:
         for block, forward in zip(adapter.blocks, saved):
@@ -93,6 +91,27 @@ def capture_block_inputs(model, adapter: Adapter, batches: list[torch.Tensor], d
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def input_of(module: torch.nn.Module, block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input that `module` (inside `block`) receives when the block runs on `hidden`; the block's forward
+    stops there (the rest of the block is not computed)."""
+    seen = []
+
+    def stop(_m, args):
+        seen.append(args[0])
+        raise _Reached
+
+    hook = module.register_forward_pre_hook(stop)
+    try:
+        run_block(block, hidden, kwargs)
+    except _Reached:
+        pass
+    finally:
+        hook.remove()
+    if not seen:
+        raise RuntimeError(f"the block never called {type(module).__name__}")
+    return seen[0]
 
 
 @contextmanager

@@ -1,9 +1,13 @@
-"""Stage 2, factors (DESIGN 2.3, 2.4): per-linear feature-space bases built once from the covariances, a rank map
-applied to the model by slicing them (`Compressor`), the parameter budget, and the closed-loop refit of a chosen
-rank map."""
+"""Stage 2, decomposition (docs/design.md, "Methods" to "The closed-loop refit"): the study's methods
+(`Decomposition`: per-matrix factors and structured modules, one registry), the units they make and their exact
+budget, the bases each method precomputes per block (cached), a level map applied by slicing them (`Compressor`),
+and the closed-loop refit of a chosen level map."""
 
-from .bases import Compressor, adds_bias, build_bases, make_budget
-from .budget import Budget, RankMap
+from .bases import Bases, build_bases
+from .budget import Budget, LevelMap, Unit
 from .closed_loop import refit
+from .compressor import Compressor
+from .methods import METHODS, Decomposition, Method, check_names
 
-__all__ = ["Budget", "Compressor", "RankMap", "adds_bias", "build_bases", "make_budget", "refit"]
+__all__ = ["METHODS", "Bases", "Budget", "Compressor", "Decomposition", "LevelMap", "Method", "Unit", "build_bases",
+           "check_names", "refit"]

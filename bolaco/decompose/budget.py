@@ -1,144 +1,157 @@
-"""Exact parameter accounting for rank maps (DESIGN 2.5).
+"""Exact parameter accounting for level maps (docs/design.md, "The budget").
 
-A rank map is {linear_id: k}; a linear that is absent stays dense. A low-rank linear holds
-k (d_in + d_out) factor entries plus a bias of d_out when the dense layer had one or the method
-adds one (the centred feature method keeps the mean of the discarded directions as a bias).
-A layer is made low-rank only at ranks where that is smaller than the dense layer; ranks are
-multiples of `multiple`. The keep ratio of a layer is its parameter count over the dense count.
+A *unit* is what one integer level decides: a projection with per-matrix factors (level = rank k, parameters
+k (d_in + d_out) plus a bias of d_out when the dense layer had one or the method adds one), or a structured
+module (level = MLP neurons kept, head dimensions kept, or V/O rank per head group). Every unit's parameter count
+is affine in its level, `fixed + per_level * level`, which makes the budget a linear constraint on the search
+variables. A level map is {unit id: level}; a unit that is absent stays dense. A unit is compressed only at
+levels where it is smaller than the dense layers it replaces, and levels are multiples of the unit's step.
+The keep ratio of a unit is its parameter count over the dense count.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch import LinearInfo
 from ..errors import BolacoError
 
-RankMap = dict[str, int]
+LevelMap = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str                     # "3.q", "3.mlp"
+    block: int
+    type: str                   # a projection type (q, k, ..., qkv) or a structured module (mlp, qk, vo)
+    linears: tuple[str, ...]    # the linear ids whose layers it replaces
+    dense: int                  # parameters of those layers, dense
+    fixed: int                  # parameters at level L: fixed + per_level * L
+    per_level: int
+    step: int                   # levels are multiples of this
+    full: int                   # the largest meaningful level (the dense layer's rank or width)
+
+    def params(self, level: int) -> int:
+        return self.fixed + self.per_level * level
+
+    def max_level(self, step: int | None = None) -> int:
+        """The largest level (a multiple of `step`) at which the unit is smaller than dense; 0 if none."""
+        s = step or self.step
+        # fixed + per_level * L < dense  <=>  L < (dense - fixed) / per_level
+        below = -(-(self.dense - self.fixed) // self.per_level) - 1
+        return max(min(below, self.full), 0) // s * s
 
 
 @dataclass(frozen=True)
 class Budget:
-    linears: dict[str, LinearInfo]
-    adds_bias: bool = True
-    multiple: int = 8
+    units: dict[str, Unit]
 
-    def dense(self, lid: str) -> int:
-        li = self.linears[lid]
-        return li.d_in * li.d_out + (li.d_out if li.bias else 0)
+    def dense(self, uid: str) -> int:
+        return self.units[uid].dense
 
-    def lowrank(self, lid: str, k: int) -> int:
-        li = self.linears[lid]
-        return k * (li.d_in + li.d_out) + (li.d_out if li.bias or self.adds_bias else 0)
+    def at(self, uid: str, level: int) -> int:
+        return self.units[uid].params(level)
 
-    def max_rank(self, lid: str, multiple: int | None = None) -> int:
-        """Largest rank (a multiple of `multiple`) at which the low-rank layer is smaller than the dense one;
-        0 if none."""
-        m = multiple or self.multiple
-        li = self.linears[lid]
-        # k (d_in + d_out) + lowrank_bias < d_in d_out + dense_bias  <=>  k < limit
-        spare = self.dense(lid) - self.lowrank(lid, 0)
-        k = min(-(-spare // (li.d_in + li.d_out)) - 1, li.d_in, li.d_out)
-        return max(k, 0) // m * m
+    def max_level(self, uid: str, step: int | None = None) -> int:
+        return self.units[uid].max_level(step)
 
     @property
     def decomposable(self) -> int:
-        return sum(self.dense(lid) for lid in self.linears)
+        return sum(u.dense for u in self.units.values())
 
-    def params(self, ranks: RankMap) -> int:
-        return sum(self.lowrank(lid, ranks[lid]) if lid in ranks else self.dense(lid) for lid in self.linears)
+    def params(self, levels: LevelMap) -> int:
+        return sum(self.at(uid, levels[uid]) if uid in levels else u.dense for uid, u in self.units.items())
 
     def target(self, remove: float) -> int:
         """Parameters the decomposable part may keep when `remove` of it is removed."""
         if not 0 <= remove < 1:
             raise BolacoError(f"budget remove={remove}: give the fraction of parameters to remove, in [0, 1)")
         target = int(self.decomposable * (1 - remove))
-        floor = self.params({lid: self.multiple for lid in self.linears if self.max_rank(lid)})
+        floor = self.params({uid: u.step for uid, u in self.units.items() if u.max_level()})
         if target < floor:
-            raise BolacoError(f"budget remove={remove:.3f} is impossible: even rank {self.multiple} everywhere keeps "
+            raise BolacoError(f"budget remove={remove:.3f} is impossible: even the smallest level everywhere keeps "
                               f"{floor / self.decomposable:.1%} of the decomposable parameters; remove at most "
                               f"{1 - floor / self.decomposable:.3f}")
         return target
 
-    def check(self, ranks: RankMap) -> None:
-        for lid, k in ranks.items():
-            if lid not in self.linears:
-                raise BolacoError(f"rank map names unknown linear '{lid}'")
-            if k <= 0 or k > self.max_rank(lid, 1):
-                raise BolacoError(f"rank {k} for {lid} does not save parameters (allowed 1..{self.max_rank(lid, 1)})")
+    def check(self, levels: LevelMap) -> None:
+        for uid, level in levels.items():
+            if uid not in self.units:
+                raise BolacoError(f"level map names unknown unit '{uid}'")
+            top = self.max_level(uid, 1)
+            if level <= 0 or level > top:
+                raise BolacoError(f"level {level} for {uid} does not save parameters (allowed 1..{top})")
 
-    def keep(self, lid: str, ranks: RankMap) -> float:
-        return (self.lowrank(lid, ranks[lid]) if lid in ranks else self.dense(lid)) / self.dense(lid)
+    def keep(self, uid: str, levels: LevelMap) -> float:
+        return (self.at(uid, levels[uid]) if uid in levels else self.dense(uid)) / self.dense(uid)
 
-    def rank_for_keep(self, lid: str, keep: float) -> int | None:
-        """The rank whose layer keeps about `keep` of its parameters; None (dense) if that saves nothing."""
-        li = self.linears[lid]
-        k = round(keep * self.dense(lid) / (li.d_in + li.d_out) / self.multiple) * self.multiple
-        k = max(k, self.multiple)
-        return None if k > self.max_rank(lid) else k
+    def level_for_keep(self, uid: str, keep: float) -> int | None:
+        """The level whose unit keeps about `keep` of its parameters; None (dense) if that saves nothing."""
+        u = self.units[uid]
+        level = round((keep * u.dense - u.fixed) / u.per_level / u.step) * u.step
+        level = max(level, u.step)
+        return None if level > u.max_level() else level
 
-    def ranks_for_keeps(self, keeps: dict[str, float]) -> RankMap:
+    def levels_for_keeps(self, keeps: dict[str, float]) -> LevelMap:
         out = {}
-        for lid, keep in keeps.items():
-            k = self.rank_for_keep(lid, keep)
-            if k is not None:
-                out[lid] = k
+        for uid, keep in keeps.items():
+            level = self.level_for_keep(uid, keep)
+            if level is not None:
+                out[uid] = level
         return out
 
-    def _grow(self, lid: str, ranks: RankMap) -> int | None:
-        """Parameters added by the next step of `lid` (next rank, or back to dense); None when already dense."""
-        if lid not in ranks:
+    def _grow(self, uid: str, levels: LevelMap) -> int | None:
+        """Parameters added by the next step of `uid` (next level, or back to dense); None when already dense."""
+        if uid not in levels:
             return None
-        k = ranks[lid] + self.multiple
-        nxt = self.lowrank(lid, k) if k <= self.max_rank(lid) else self.dense(lid)
-        return nxt - self.lowrank(lid, ranks[lid])
+        u = self.units[uid]
+        nxt = levels[uid] + u.step
+        return (u.params(nxt) if nxt <= u.max_level() else u.dense) - u.params(levels[uid])
 
-    def fit(self, keeps: dict[str, float], target: int) -> RankMap:
-        """The rank map closest to the keep-ratio shape `keeps` that uses at most `target` parameters and is
-        within one rounding step of it: the ratios are scaled by the largest factor that fits, then layers
-        grow one step at a time (largest keep first) while the budget allows. Only the layers named in
-        `keeps` may change; every other layer stays dense."""
-        unknown = set(keeps) - set(self.linears)
+    def fit(self, keeps: dict[str, float], target: int) -> LevelMap:
+        """The level map closest to the keep-ratio shape `keeps` that uses at most `target` parameters and is
+        within one rounding step of it: the ratios are scaled by the largest factor that fits, then units grow
+        one step at a time (largest keep first) while the budget allows. Only the units named in `keeps` may
+        change; every other unit stays dense."""
+        unknown = set(keeps) - set(self.units)
         if unknown:
-            raise BolacoError(f"keep ratios name unknown linears {sorted(unknown)[:3]}")
+            raise BolacoError(f"keep ratios name unknown units {sorted(unknown)[:3]}")
         if not keeps:
-            raise BolacoError("no layer may be compressed: give keep ratios for at least one linear")
-        keeps = dict(keeps)
+            raise BolacoError("no unit may be compressed: give keep ratios for at least one unit")
         lo, hi = 0.0, 1.0 / max(min(keeps.values()), 1e-6)
-        if self.params(self.ranks_for_keeps({l: r * hi for l, r in keeps.items()})) <= target:
+        if self.params(self.levels_for_keeps({u: r * hi for u, r in keeps.items()})) <= target:
             lo = hi
         for _ in range(60):
             mid = (lo + hi) / 2
-            if self.params(self.ranks_for_keeps({l: r * mid for l, r in keeps.items()})) <= target:
+            if self.params(self.levels_for_keeps({u: r * mid for u, r in keeps.items()})) <= target:
                 lo = mid
             else:
                 hi = mid
-        ranks = self.ranks_for_keeps({l: r * lo for l, r in keeps.items()})
-        used = self.params(ranks)
+        levels = self.levels_for_keeps({u: r * lo for u, r in keeps.items()})
+        used = self.params(levels)
         if used > target:
-            raise BolacoError(f"no rank map with multiples of {self.multiple} fits {target} parameters")
+            raise BolacoError(f"no level map fits {target} parameters")
         grown = True
         while grown:
             grown = False
-            for lid in sorted(ranks, key=lambda l: -keeps[l]):
-                step = self._grow(lid, ranks)
+            for uid in sorted(levels, key=lambda u: -keeps[u]):
+                step = self._grow(uid, levels)
                 if step is not None and used + step <= target:
-                    k = ranks[lid] + self.multiple
-                    if k <= self.max_rank(lid):
-                        ranks[lid] = k
+                    nxt = levels[uid] + self.units[uid].step
+                    if nxt <= self.max_level(uid):
+                        levels[uid] = nxt
                     else:
-                        del ranks[lid]
+                        del levels[uid]
                     used += step
                     grown = True
-        return ranks
+        return levels
 
-    def min_step(self, ranks: RankMap) -> int:
-        """The smallest possible growth of any layer: how close `fit` gets to its target."""
-        steps = [s for s in (self._grow(lid, ranks) for lid in ranks) if s is not None]
+    def min_step(self, levels: LevelMap) -> int:
+        """The smallest possible growth of any unit: how close `fit` gets to its target."""
+        steps = [s for s in (self._grow(uid, levels) for uid in levels) if s is not None]
         return min(steps) if steps else 0
 
-    def uniform(self, remove: float, dense: tuple[str, ...] = ()) -> RankMap:
-        """Every layer at the same keep ratio, meeting the budget within one rounding step; the types in `dense`
+    def uniform(self, remove: float, dense: tuple[str, ...] = ()) -> LevelMap:
+        """Every unit at the same keep ratio, meeting the budget within one rounding step; the unit types in `dense`
         stay dense, so the others give up their share."""
-        keeps = {lid: 1.0 for lid, li in self.linears.items() if li.type not in dense}
+        keeps = {uid: 1.0 for uid, u in self.units.items() if u.type not in dense}
         return self.fit(keeps, self.target(remove))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..model import model_device
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -19,10 +21,6 @@ class Perplexity:
     tokens: int         # predicted tokens
     seconds: float
     kl: float | None = None   # mean per-token KL(model || reference), when reference log-probs were given
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8, progress: bool = True,

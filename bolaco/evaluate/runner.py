@@ -1,5 +1,5 @@
-"""The evaluation suite (DESIGN 2.10): perplexity on WikiText-2 / PTB / C4, seven zero-shot tasks through
-lm-eval, StereoSet bias; each result cached in a JSON file next to the model and re-read, not recomputed.
+"""The evaluation suite (docs/design.md, "Evaluation"): perplexity on WikiText-2 / PTB / C4, zero-shot tasks
+through lm-eval, StereoSet bias; each result cached in a JSON file next to the model and re-read, not recomputed.
 
 A plan lists items (one corpus, task or StereoSet at one sample size); each item's result is written to the
 JSON file as soon as it is done, keyed by what it measured, so an interrupted run resumes at the first
@@ -31,6 +31,35 @@ RESULTS_FILE = "bolaco-eval.json"
 
 
 @dataclass(frozen=True)
+class EvalKey:
+    """What one result measured; its text is the key in the results file: `ppl/<corpus>/seq<L>/<sequences>`,
+    `task/<task>/<rows>[/<k>shot]`, `stereoset/<examples>` (a size of `all`: everything)."""
+    kind: str                      # ppl, task or stereoset
+    name: str = ""                 # the corpus or the task
+    size: int | None = None        # sequences, rows or examples; None: all of them
+    seq_len: int | None = None     # ppl only
+    fewshot: int | None = None     # task only; None: lm-eval's default
+
+    def __str__(self) -> str:
+        size = "all" if self.size is None else str(self.size)
+        if self.kind == "ppl":
+            return f"ppl/{self.name}/seq{self.seq_len}/{size}"
+        if self.kind == "task":
+            return f"task/{self.name}/{size}" + (f"/{self.fewshot}shot" if self.fewshot is not None else "")
+        return f"stereoset/{size}"
+
+    @classmethod
+    def parse(cls, text: str) -> "EvalKey":
+        kind, *rest = text.split("/")
+        size = lambda s: None if s == "all" else int(s)  # noqa: E731
+        if kind == "ppl":
+            return cls(kind, rest[0], size(rest[2]), int(rest[1][3:]))
+        if kind == "task":
+            return cls(kind, rest[0], size(rest[1]), fewshot=int(rest[2][:-4]) if len(rest) > 2 else None)
+        return cls(kind, size=size(rest[0]))
+
+
+@dataclass(frozen=True)
 class EvalPlan:
     """What to evaluate and on how much data; None as a size means the whole corpus / task / set."""
     corpora: tuple[str, ...] = DEFAULT_CORPORA
@@ -38,18 +67,22 @@ class EvalPlan:
     sequences: int | None = 64
     tasks: tuple[str, ...] = ZERO_SHOT
     limit: int | None = 200
+    num_fewshot: int | None = None
     stereoset: bool = True
     stereoset_limit: int | None = 1000
     batch_size: int = 8
     data_dir: str | None = field(default=None, compare=False)
+    cache_dir: str | None = field(default=None, compare=False)    # tokenized corpora (see data.corpus_tokens)
+
+    def keys(self) -> list[EvalKey]:
+        keys = [EvalKey("ppl", c, self.sequences, self.seq_len) for c in self.corpora]
+        keys += [EvalKey("task", t, self.limit, fewshot=self.num_fewshot) for t in self.tasks]
+        if self.stereoset:
+            keys.append(EvalKey("stereoset", size=self.stereoset_limit))
+        return keys
 
     def items(self) -> list[str]:
-        size = lambda n: "all" if n is None else str(n)  # noqa: E731
-        keys = [f"ppl/{c}/seq{self.seq_len}/{size(self.sequences)}" for c in self.corpora]
-        keys += [f"task/{t}/{size(self.limit)}" for t in self.tasks]
-        if self.stereoset:
-            keys.append(f"stereoset/{size(self.stereoset_limit)}")
-        return keys
+        return [str(k) for k in self.keys()]
 
     def describe(self) -> str:
         ppl = f"{self.sequences} x {self.seq_len} tokens per corpus" if self.sequences else \
@@ -105,28 +138,28 @@ class ResultsFile:
 def run(model, tokenizer, plan: EvalPlan, results: ResultsFile, force: bool = False,
         progress: bool = True, log=log.info) -> dict:
     """Evaluate every item of the plan not yet in `results` (all of them with force); returns the plan's results."""
-    todo = [k for k in plan.items() if force or k not in results.results]
-    if any(k.startswith("task/") for k in todo):
+    todo = [k for k in plan.keys() if force or str(k) not in results.results]
+    if any(k.kind == "task" for k in todo):
         from .tasks import evaluate as lm_eval_tasks, lm_wrapper, load_tasks
         lm = lm_wrapper(model, tokenizer, plan.batch_size)
     for key in todo:
-        kind, name = key.split("/")[:2]
         start = time.perf_counter()
-        if kind == "ppl":
+        if key.kind == "ppl":
             from .perplexity import perplexity
-            seqs = tokenize_corpus(name, tokenizer, plan.seq_len, plan.data_dir)
+            seqs = tokenize_corpus(key.name, tokenizer, plan.seq_len, plan.data_dir, plan.cache_dir)
             seqs = seqs[:plan.sequences] if plan.sequences else seqs
-            r = perplexity(model, seqs, plan.batch_size, desc=name, progress=progress)
+            r = perplexity(model, seqs, plan.batch_size, desc=key.name, progress=progress)
             value = {"ppl": r.ppl, "tokens": r.tokens}
-        elif kind == "task":
-            value = lm_eval_tasks(lm, load_tasks([name], plan.data_dir), limit=plan.limit)[name]
+        elif key.kind == "task":
+            value = lm_eval_tasks(lm, load_tasks([key.name], plan.data_dir, plan.num_fewshot),
+                                  limit=plan.limit)[key.name]
         else:
             from .bias import evaluate_stereoset
             value = evaluate_stereoset(model, tokenizer, plan.data_dir, plan.stereoset_limit, 2 * plan.batch_size,
                                        progress)
         value["seconds"] = round(time.perf_counter() - start, 1)
-        results.save(key, value)
-        log(f"{key}: {summary(key, value)} ({value['seconds']:.0f} s)")
+        results.save(str(key), value)
+        log(f"{key}: {summary(str(key), value)} ({value['seconds']:.0f} s)")
     return {k: results.results[k] for k in plan.items()}
 
 
@@ -144,20 +177,27 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
     """(row label, formatted value) for one model's results, in a stable order."""
     rows = []
     accs = []
-    for key, v in results.items():
-        kind, name, *rest = key.split("/")
-        if kind == "ppl":
-            rows.append((f"{CORPUS_LABELS.get(name, name)} ppl (seq {rest[0][3:]}, {rest[1]} seqs)", f"{v['ppl']:.2f}"))
-        elif kind == "task" and "acc" in v:
+    for text, v in results.items():
+        key = EvalKey.parse(text)
+        size = "all" if key.size is None else key.size
+        shots = f", {key.fewshot}-shot" if key.fewshot is not None else ""
+        if key.kind == "ppl":
+            rows.append((f"{CORPUS_LABELS.get(key.name, key.name)} ppl (seq {key.seq_len}, {size} seqs)",
+                         f"{v['ppl']:.2f}"))
+        elif key.kind == "task" and "acc" in v:
             for m in ("acc", "acc_norm"):
                 if m in v:
                     se = v.get(f"{m}_stderr")
                     spread = f" ± {100 * se:.1f}" if se is not None else ""
-                    rows.append((f"{name} {m} ({rest[0]} rows)", f"{100 * v[m]:.1f}" + spread))
+                    rows.append((f"{key.name} {m} ({size} rows{shots})", f"{100 * v[m]:.1f}" + spread))
             accs.append(v["acc"])
-        elif kind == "task":       # lm-eval's wikitext: document-level word perplexity
-            rows.append((f"{name} word ppl ({rest[0]} documents)", f"{v['word_perplexity']:.2f}"))
+        elif key.kind == "task" and "word_perplexity" in v:     # lm-eval's wikitext: document-level word ppl
+            rows.append((f"{key.name} word ppl ({size} documents)", f"{v['word_perplexity']:.2f}"))
+        elif key.kind == "task":
+            rows += [(f"{key.name} {m} ({size} rows{shots})", f"{val:.4f}") for m, val in v.items()
+                     if not m.endswith("_stderr") and m not in ("rows", "seconds")]
         else:
+            name = str(size)
             for split in ("intrasentence", "intersentence"):
                 if split in v:
                     rows.append((f"StereoSet {split} ICAT", f"{v[split]['overall']['icat']:.2f}"))
@@ -180,7 +220,7 @@ def markdown_table(columns: dict[str, dict]) -> str:
 
 
 def without_data_dir(plan: EvalPlan) -> tuple[EvalPlan, list[str]]:
-    """The plan reduced to what ships with bolaco (WikiText-2 and lm-eval's wikitext), and what was dropped."""
+    """The plan reduced to what ships with bolaco (WikiText-2, and lm-eval's own tasks), and what was dropped."""
     from .tasks import ZERO_SHOT
     corpora = tuple(c for c in plan.corpora if CORPORA[c].shipped)
     tasks = tuple(t for t in plan.tasks if t not in ZERO_SHOT)
@@ -190,13 +230,11 @@ def without_data_dir(plan: EvalPlan) -> tuple[EvalPlan, list[str]]:
 
 
 def check_plan(plan: EvalPlan) -> None:
-    from .tasks import KNOWN
     unknown = [c for c in plan.corpora if c not in CORPORA]
     if unknown:
         raise BolacoError(f"unknown corpus {unknown} (known: {', '.join(CORPORA)})")
-    unknown = [t for t in plan.tasks if t not in KNOWN]
-    if unknown:
-        raise BolacoError(f"unknown task {unknown} (known: {', '.join(KNOWN)})")
+    if plan.num_fewshot is not None and plan.num_fewshot < 0:
+        raise BolacoError(f"--num-fewshot is {plan.num_fewshot}: give 0 or more examples")
     if plan.seq_len < 2 or (plan.sequences is not None and plan.sequences < 1) or \
             (plan.limit is not None and plan.limit < 1):
         raise BolacoError("eval needs seq_len >= 2 and positive sample sizes")

@@ -1,11 +1,13 @@
-"""Zero-shot tasks through lm-eval on the local copies in the data directory (DESIGN 2.10).
+"""Zero-shot tasks through lm-eval (docs/design.md, "Evaluation").
 
-The task YAMLs in bolaco/resources/lm_eval_tasks are lm-eval's own definitions (prompts, choices, metrics)
-with a `custom_dataset` loader that reads the data directory (see local_data.py there for where a local
-file's layout differs from the original). They are indexed with `TaskManager(include_path=...,
-include_defaults=False)`, which skips lm-eval's few thousand built-in tasks, and run with
-`lm_eval.evaluator.evaluate` on an `HFLM` wrapping the model object, so a compressed model in memory is
-evaluated as it is. The surgical search (bolaco.surgical) uses the same path on seeded row subsets.
+bolaco's seven tasks run on the local copies in the data directory: the task YAMLs in
+bolaco/resources/lm_eval_tasks are lm-eval's own definitions (prompts, choices, metrics) with a `custom_dataset`
+loader that reads the data directory (see local_data.py there for where a local file's layout differs from the
+original). They are indexed with `TaskManager(include_path=..., include_defaults=False)`, which skips lm-eval's
+few thousand built-in tasks. Any other task name is looked up in lm-eval's own registry (which may download its
+data set). Tasks run with `lm_eval.evaluator.evaluate` on an `HFLM` wrapping the model object, so a compressed
+model in memory is evaluated as it is. The surgical search (bolaco.search.surgical) uses the same path on seeded
+row subsets.
 """
 
 from __future__ import annotations
@@ -30,23 +32,32 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def load_tasks(names: list[str] | tuple[str, ...], data_dir: str | Path | None = None) -> dict:
-    """lm-eval's loaded task dict ({'tasks': {name: Task}, ...}) for bolaco's local tasks."""
+def load_tasks(names: list[str] | tuple[str, ...], data_dir: str | Path | None = None,
+               num_fewshot: int | None = None) -> dict:
+    """lm-eval's loaded task dict ({'tasks': {name: Task}, ...}): bolaco's local tasks, or lm-eval's own for any
+    other name; `num_fewshot` examples per task where given (lm-eval's default otherwise)."""
     from lm_eval.tasks import TaskManager
-    unknown = [n for n in names if n not in KNOWN]
-    if unknown:
-        raise BolacoError(f"unknown task(s) {unknown} (known: {', '.join(KNOWN)})")
     root = Path(data_dir) if data_dir else default_data_dir()
     if root is None and any(n in ZERO_SHOT for n in names):
         raise BolacoError("the zero-shot tasks are read from a data directory: pass --data-dir or set "
                           "BOLACO_DATA_DIR (a folder with piqa/, arc/, boolq/, ... as in ../shared/data)")
     _quiet()
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+    local = all(n in KNOWN for n in names)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not local,
                           metadata={"data_dir": str(root) if root else ""})
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise BolacoError(f"unknown task(s) {', '.join(unknown)}: neither bolaco's ({', '.join(KNOWN)}) nor "
+                          "lm-eval's (`lm-eval ls tasks` lists them)")
     try:
         loaded = manager.load(list(names))
     except FileNotFoundError as exc:
         raise BolacoError(f"task data not found: {exc.filename} (data directory {root})") from None
+    except Exception as exc:   # lm-eval's own tasks fetch their data sets, which fails offline
+        raise BolacoError(f"lm-eval could not load {', '.join(names)}: {str(exc).splitlines()[0][:200]}") from None
+    if num_fewshot is not None:
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=num_fewshot)
     _quiet()
     return loaded
 

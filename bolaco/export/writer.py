@@ -1,88 +1,64 @@
-"""Export and load compressed models (DESIGN 2.9): safetensors + JSON only, really smaller on disk.
+"""Export and load compressed models (docs/design.md, "Export and load"): safetensors + JSON only, really smaller on
+disk, written atomically, verified when loaded.
 
-An exported directory holds `model.safetensors` (factors of the low-rank layers and the remaining
-dense weights; tied weights stored once) or, above the shard size, `model-0000i-of-0000n.safetensors`
-shards with `model.safetensors.index.json` (Hugging Face's layout), `config.json`, `modeling_bolaco.py`,
-`bolaco.json` (rank map, method, budget, provenance) and the tokenizer.
+An exported folder holds `model.safetensors` (the layers of the compressed units and the remaining dense weights;
+tied weights stored once) or, above the shard size, Hugging Face's `model-0000i-of-0000n.safetensors` shards with
+`model.safetensors.index.json`; `config.json` (the base architecture's, with model type "bolaco", a "bolaco"
+section listing the compressed layers by kind and shape, and an `auto_map` to `modeling_bolaco.py`, which is
+bolaco.layers with the lines that build the model class); `generation_config.json`; the tokenizer; `bolaco.json`
+(the level map, the parameter count, the sha256 of every weight file, the methods, budget, selection and
+provenance); and a model card (README.md). So `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+loads the right model without bolaco, and plain loading without trust_remote_code fails loudly instead of
+building the dense architecture with random projections.
 
-config.json is the base architecture's with model_type "bolaco", the low-rank layers and an `auto_map` to
-modeling_bolaco.py (bolaco.layers plus a subclass of the base model that puts those layers in place). So
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the right model without bolaco,
-and plain loading without trust_remote_code fails loudly instead of building the dense architecture with
-random projections.
+The folder is written beside its destination and renamed into place when complete, so a crash leaves the previous
+export (or none), never half of one. `load_compressed` reads nothing outside the folder, checks every weight file
+against bolaco.json's sha256 (remembered per file size and mtime) and loads through the model class's own
+`from_pretrained`, so dtype and device_map work as they do for any transformers model.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import init_empty_weights
+import transformers
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoTokenizer
 
-from .. import layers
 from .._version import __version__
 from ..arch import adapter_for
-from ..decompose import RankMap
-from .card import write_card
+from ..calibrate import check_disk
+from ..decompose import Budget, LevelMap
 from ..errors import BolacoError
-from ..heatmap import keep_heatmap
-from ..layers import LowRankLinear, fuse_shared_inputs
+from ..layers import (EXPORT_FORMAT, MODEL_TYPE, MODELING_FILE, WEIGHTS_INDEX, LowRankLinear, build_layer,
+                      compressed_model_class, file_digest, fuse_shared_inputs, layer_spec, modeling_source,
+                      shard_digests, weight_files)
+from ..model import torch_dtype
+from .card import write_card
 
-FORMAT = 2
-INDEX = "model.safetensors.index.json"
-MODEL_TYPE = "bolaco"
-MODELING = "modeling_bolaco.py"
-
-_MODELING_CLASSES = '''
-
-from transformers import {config_class} as _BaseConfig, {model_class} as _BaseModel
-
-
-class BolacoConfig(_BaseConfig):
-    """The base architecture's configuration; `bolaco` holds the low-rank layers {{path: [rank, bias]}}."""
-    model_type = "{model_type}"
-
-
-class BolacoForCausalLM(_BaseModel):
-    """The base model with its compressed projections replaced by LowRankLinear before the weights load."""
-    config_class = BolacoConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        for path, (rank, bias) in config.bolaco["layers"].items():
-            dense = self.get_submodule(path)
-            parent, _, name = path.rpartition(".")
-            setattr(self.get_submodule(parent), name,
-                    LowRankLinear(dense.in_features, dense.out_features, rank, bias, dense.bias is not None,
-                                  device=dense.weight.device, dtype=dense.weight.dtype))
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """The loaded model, with the down factors of the layers that read one input stacked (fuse_shared_inputs)."""
-        model = super().from_pretrained(*args, **kwargs)
-        fuse_shared_inputs(model, model.config.bolaco.get("shared_inputs", []))
-        return model
-'''
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExportMeta:
-    """bolaco.json, in export format FORMAT: what loading needs (the rank map, which factors carry a bias, the
-    parameter count) and `info`, what the stage that wrote the export records (method, budget, refit,
-    perplexity, provenance, allocation, post-training). Only `export` writes it; `read` checks it."""
-    ranks: dict[str, int]
-    lowrank_bias: list[str]
-    dense_bias: list[str]
+    """bolaco.json, in export format EXPORT_FORMAT: what verifying needs (the level map, the parameter count, the
+    size and sha256 of every weight file) and `info`, what the stage that wrote the export records (methods,
+    budget, refit, selection, perplexity, provenance, allocation, post-training). `export` writes it; `read`
+    checks it."""
+    levels: dict[str, int]
     params: int
+    shards: dict[str, dict]
     info: dict = field(default_factory=dict)
-    format: int = FORMAT
+    format: int = EXPORT_FORMAT
     bolaco_version: str = __version__
 
     def to_json(self) -> dict:
@@ -94,35 +70,27 @@ class ExportMeta:
         path = folder / "bolaco.json"
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BolacoError(f"{path} is not valid JSON ({exc}): export the model again")
         if not isinstance(raw, dict):
             raise BolacoError(f"{path} must hold a JSON object: export the model again")
-        if raw.get("format") != FORMAT:
+        if raw.get("format") != EXPORT_FORMAT:
             raise BolacoError(f"{folder} was written in bolaco export format {raw.get('format')}; this bolaco reads "
-                              f"{FORMAT}: export the model again with this version")
-        ranks = raw.get("ranks")
-        if not isinstance(ranks, dict) or not all(isinstance(k, int) and not isinstance(k, bool)
-                                                  for k in ranks.values()):
-            raise BolacoError(f"{path}: 'ranks' must map layer ids to integer ranks, e.g. {{\"0.q\": 64}}: "
+                              f"{EXPORT_FORMAT}: export the model again with this version")
+        levels = raw.get("levels")
+        if not isinstance(levels, dict) or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                   for k in levels.values()):
+            raise BolacoError(f"{path}: 'levels' must map unit ids to integer levels, e.g. {{\"0.q\": 64}}: "
                               "export the model again")
-        for key in ("lowrank_bias", "dense_bias"):
-            if not isinstance(raw.get(key), list) or not all(isinstance(x, str) for x in raw[key]):
-                raise BolacoError(f"{path}: '{key}' must be a list of layer ids: export the model again")
-        if not isinstance(raw.get("params"), int):
+        if not isinstance(raw.get("params"), int) or isinstance(raw.get("params"), bool):
             raise BolacoError(f"{path}: 'params' must be an integer: export the model again")
+        shards = raw.get("shards")
+        if not isinstance(shards, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
+                                                   and isinstance(v.get("sha256"), str) for v in shards.values()):
+            raise BolacoError(f"{path}: 'shards' must give the size and sha256 of every weight file: export the "
+                              "model again")
         core = {f.name for f in fields(cls)} - {"info"}
-        return cls(**{k: raw[k] for k in core}, info={k: v for k, v in raw.items() if k not in core})
-
-
-def _weight_files(weights: Path) -> list[Path]:
-    """model.safetensors, or every shard named by the index."""
-    if weights.name != INDEX:
-        return [weights]
-    try:
-        return [weights.parent / f for f in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise BolacoError(f"{weights} is corrupt ({exc}): export the model again")
+        return cls(**{k: raw[k] for k in core if k in raw}, info={k: v for k, v in raw.items() if k not in core})
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -138,7 +106,7 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key not in seen:
             seen.add(key)
             t = t.detach().contiguous()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size():   # a slice of the cached factors
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():   # a slice of a larger tensor
                 t = t.clone()
             out[name] = t
     return out
@@ -151,128 +119,224 @@ def shared_input_groups(adapter, lowrank) -> list[list[str]]:
     return [g for g in groups if len(g) > 1]
 
 
-def export(model, tokenizer, ranks: RankMap, out_dir: str | Path, info: dict, shard_size: str | int = "5GB") -> Path:
-    """Write the model as it is now (its low-rank layers must carry `ranks`) to `out_dir`, in safetensors
-    shards of at most `shard_size`."""
-    adapter = adapter_for(model)
-    lowrank = {lid: m for lid in adapter.linears if isinstance(m := adapter.module(lid), LowRankLinear)}
-    if set(lowrank) != set(ranks):
-        raise BolacoError("the model's low-rank layers do not match the rank map to export")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _config(model, adapter, levels: LevelMap) -> dict:
+    """config.json: the base architecture's, marked as a bolaco export, with the compressed layers."""
+    replaced = {li.path: m for lid, li in adapter.linears.items()
+                if type(m := adapter.module(lid)) is not torch.nn.Linear}
+    lowrank = {lid for lid, li in adapter.linears.items() if isinstance(replaced.get(li.path), LowRankLinear)}
     config = model.config.to_dict()
     config.pop("quantization_config", None)      # a dequantized GGUF model is a plain float model now
     config.pop("_name_or_path", None)
     config.update(model_type=MODEL_TYPE, architectures=["BolacoForCausalLM"],
+                  dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                   auto_map={"AutoConfig": "modeling_bolaco.BolacoConfig",
                             "AutoModelForCausalLM": "modeling_bolaco.BolacoForCausalLM"},
-                  bolaco={"base_model_type": model.config.model_type,
-                          "layers": {adapter.linears[lid].path: [k, lowrank[lid].up.bias is not None]
-                                     for lid, k in sorted(ranks.items())},
+                  bolaco={"format": EXPORT_FORMAT, "base_model_type": model.config.model_type,
+                          "base_class": type(model).__name__, "levels": dict(sorted(levels.items())),
+                          "layers": {path: layer_spec(m) for path, m in sorted(replaced.items())},
                           "shared_inputs": shared_input_groups(adapter, lowrank)})
+    return config
+
+
+def _write(model, tokenizer, config: dict, out: Path, shard_size: str | int) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    (out / MODELING).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
-                                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).\n"
-                                + inspect.getsource(layers) + _MODELING_CLASSES.format(
-                                    config_class=type(model.config).__name__, model_class=type(model).__name__,
-                                    model_type=MODEL_TYPE))
-    for old in [*out.glob("model*.safetensors"), out / INDEX]:   # a previous export with other sharding
-        old.unlink(missing_ok=True)
+    (out / MODELING_FILE).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
+                                     "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).\n"
+                                     + modeling_source(type(model), type(model.config)))
     save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
-    biased = sorted(lid for lid in ranks if lowrank[lid].up.bias is not None)
-    dense_biased = sorted(lid for lid, li in adapter.linears.items() if li.bias)
-    meta = ExportMeta(dict(ranks), biased, dense_biased, count_params(model), dict(info)).to_json()
-    (out / "bolaco.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:       # the base model's eos ids and sampling defaults
+        generation.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    keep = {lid: sum(p.numel() for p in adapter.module(lid).parameters()) /
-            (li.d_in * li.d_out + (li.d_out if li.bias else 0)) for lid, li in adapter.linears.items()}
-    write_card(out, meta, keep, keep_heatmap(keep, adapter.types, adapter.n_blocks))
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` where `out` is, the previous one removed only once the new one is there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(model, tokenizer, levels: LevelMap, out_dir: str | Path, info: dict, shard_size: str | int = "5GB",
+           unit_types: tuple[str, ...] = (), budget: Budget | None = None) -> Path:
+    """Write the model as it is now (it must carry `levels`) to `out_dir`, in safetensors shards of at most
+    `shard_size`, atomically. `unit_types` and `budget` draw the card's allocation heat map."""
+    adapter = adapter_for(model)
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = sum(t.numel() * t.element_size() for t in _unique_state(model).values())
+    check_disk(out.parent, int(weights * 1.05) + (64 << 20), "export")
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)     # left by an export that was killed
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        config = _config(model, adapter, levels)
+        _write(model, tokenizer, config, tmp, shard_size)
+        meta = ExportMeta(dict(levels), count_params(model), shard_digests(tmp), dict(info)).to_json()
+        (tmp / "bolaco.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        keep = {lid: sum(p.numel() for p in adapter.module(lid).parameters()) /
+                (li.d_in * li.d_out + (li.d_out if li.bias else 0)) for lid, li in adapter.linears.items()}
+        write_card(tmp, meta, keep, adapter, budget, unit_types, levels)
+        _replace_folder(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BolacoError(f"cannot write the export {out} ({exc.strerror or exc}): free some space or choose "
+                          "another folder with --out")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
-def _header_shapes(weights: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from the safetensors headers (no tensor data is read)."""
-    shapes = {}
-    for f in _weight_files(weights):
-        try:
-            with safe_open(f, framework="pt") as handle:
-                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
-        except Exception as exc:   # safetensors raises its own error types for damaged headers
-            raise BolacoError(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0]}): "
-                              "export the model again")
-    return shapes
+def _inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused when it would lead outside the folder (an index naming ../ or absolute paths)."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()) or path.parent != folder.resolve():
+        raise BolacoError(f"{folder}: the weight file name {name!r} points outside the export: refused "
+                          "(export the model again, or get it from its source)")
+    return path
 
 
-def _check_against_weights(meta: ExportMeta, adapter, shapes: dict[str, list[int]], where: Path) -> None:
-    """Every rank, bias and layer id of bolaco.json agrees with the tensors stored."""
-    for lid, k in meta.ranks.items():
-        if lid not in adapter.linears:
-            raise BolacoError(f"{where}: '{lid}' is not a projection of this {adapter.family} model "
-                              f"(ids look like {next(iter(adapter.linears))}): export the model again")
-        li = adapter.linears[lid]
-        down, up = shapes.get(f"{li.path}.down.weight"), shapes.get(f"{li.path}.up.weight")
-        if down is None or up is None:
-            raise BolacoError(f"{where}: '{lid}' is listed as low-rank but the weights hold no factors for it: "
-                              "export the model again")
-        if down != [k, li.d_in] or up != [li.d_out, k]:
-            raise BolacoError(f"{where}: the rank of '{lid}' is {k} but the weights store {down[0]}: "
-                              "export the model again")
-        if (f"{li.path}.up.bias" in shapes) != (lid in meta.lowrank_bias):
-            raise BolacoError(f"{where}: the bias of '{lid}' does not match the weights: export the model again")
+_VERIFIED = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bolaco" / "verified.json"
 
 
-def base_config(path: Path):
-    """The base architecture's configuration of an export."""
+def _verify_weights(folder: Path, meta: ExportMeta) -> None:
+    """Every weight file is inside the folder and has the size and sha256 bolaco.json records. A file whose
+    (path, size, mtime) was verified before is not hashed again."""
     try:
-        raw = json.loads((path / "config.json").read_text())
-        base = raw["bolaco"]["base_model_type"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        base = None
-    if base not in CONFIG_MAPPING or raw.get("model_type") != MODEL_TYPE:
-        raise BolacoError(f"{path / 'config.json'} is not a bolaco export's configuration: export the model again")
-    for key in ("auto_map", "bolaco", "architectures"):
-        raw.pop(key)
-    raw["model_type"] = base
-    return CONFIG_MAPPING[base].from_dict(raw)
+        files = weight_files(folder)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        raise BolacoError(f"{folder / WEIGHTS_INDEX} is corrupt ({exc}): export the model again")
+    if sorted(files) != sorted(meta.shards):
+        raise BolacoError(f"{folder}: the weight files ({', '.join(files)}) are not the ones bolaco.json lists "
+                          f"({', '.join(meta.shards)}): export the model again")
+    try:
+        known = json.loads(_VERIFIED.read_text())
+    except (OSError, ValueError):
+        known = {}
+    changed = False
+    for name in files:
+        path = _inside(folder, name)
+        if not path.is_file():
+            raise BolacoError(f"{folder}: the weight file {name} is missing: export the model again")
+        stat, want = path.stat(), meta.shards[name]
+        stamp = [stat.st_size, stat.st_mtime_ns, want["sha256"]]
+        if known.get(str(path)) == stamp:
+            continue
+        if stat.st_size != want["size"] or file_digest(path) != want["sha256"]:
+            raise BolacoError(f"{path} is damaged: its size or sha256 differs from what bolaco.json records "
+                              "(export the model again, or copy it again from its source)")
+        known[str(path)], changed = stamp, True
+    if changed:
+        try:
+            _VERIFIED.parent.mkdir(parents=True, exist_ok=True)
+            _VERIFIED.write_text(json.dumps(known))
+        except OSError:   # a read-only home only costs the next load a hash
+            pass
 
 
-def load_compressed(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, fuse: bool = True):
-    """Rebuild an exported model: the base architecture with LowRankLinear layers, weights from safetensors.
-    bolaco.json is checked against the safetensors headers first, so an edited file gets a one-line error.
-    `fuse`: the down factors of the layers that read one input are stacked into one product (fuse_shared_inputs;
-    the same logits); turn it off for a model that will be trained or moved to another device after loading."""
-    path = Path(path)
-    weights = path / INDEX if (path / INDEX).is_file() else path / "model.safetensors"
-    for f in (path / "bolaco.json", weights, path / "config.json"):
-        if not f.is_file():
-            raise BolacoError(f"{path} is not a bolaco export: {f.name} is missing")
-    meta = ExportMeta.read(path)
-    shapes = _header_shapes(weights)
-    config = base_config(path)
-    state = {k: v for f in _weight_files(weights) for k, v in load_file(f).items()}
-    dtype = dtype or next(iter(state.values())).dtype
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapter = adapter_for(model)
-    _check_against_weights(meta, adapter, shapes, path / "bolaco.json")
-    biased, dense_biased = set(meta.lowrank_bias), set(meta.dense_bias)
-    for lid, k in meta.ranks.items():
-        li = adapter.linears[lid]
-        adapter.replace(lid, LowRankLinear(li.d_in, li.d_out, k, lid in biased, lid in dense_biased, device="meta",
-                                           dtype=dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if unexpected or still_empty:
-        raise BolacoError(f"{weights} does not match its bolaco.json (unexpected {unexpected[:3]}, "
-                          f"missing {still_empty[:3]}): export the model again")
+def _check_layers(folder: Path, config: dict, meta: ExportMeta) -> None:
+    """config.json's layers agree with the tensors stored and bolaco.json's level map with the layers."""
+    shapes = {}
+    for name in weight_files(folder):
+        try:
+            with safe_open(_inside(folder, name), framework="pt") as handle:
+                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
+        except BolacoError:
+            raise
+        except Exception as exc:   # safetensors raises its own error types for damaged headers
+            raise BolacoError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0]}): "
+                              "export the model again")
+    layers = config["bolaco"]["layers"]
+    for path, spec in layers.items():
+        try:
+            empty = build_layer(spec, device="meta")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BolacoError(f"{folder / 'config.json'}: the layer {path} is not described right ({exc}): "
+                              "export the model again")
+        for name, t in empty.state_dict().items():
+            if shapes.get(f"{path}.{name}") != list(t.shape):
+                raise BolacoError(f"{folder}: the weights of {path} do not match config.json ({name} is "
+                                  f"{shapes.get(f'{path}.{name}')}, config.json says {list(t.shape)}): export the "
+                                  "model again")
+    if meta.levels != config["bolaco"].get("levels"):
+        raise BolacoError(f"{folder / 'bolaco.json'}: the level map differs from config.json's: export the model "
+                          "again")
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of an export (one line when it is not one)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        base = config["bolaco"]["base_model_type"]
+        assert config["bolaco"].get("format") == EXPORT_FORMAT and isinstance(config["bolaco"]["layers"], dict)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        raise BolacoError(f"{folder / 'config.json'} is not the configuration of a bolaco export of this version: "
+                          "export the model again")
+    if base not in CONFIG_MAPPING or config.get("model_type") != MODEL_TYPE:
+        raise BolacoError(f"{folder / 'config.json'} is not a bolaco export's configuration: export the model again")
+    return config
+
+
+def model_classes(config: dict) -> tuple[Any, Any]:
+    """(config class, model class) of an export, built from bolaco's own code (the folder's is never run)."""
+    base_config = CONFIG_MAPPING[config["bolaco"]["base_model_type"]]
+    base_model = getattr(transformers, str(config["bolaco"].get("base_class")), None)
+    if not (isinstance(base_model, type) and issubclass(base_model, transformers.PreTrainedModel)):
+        raise BolacoError(f"config.json names an unknown model class {config['bolaco'].get('base_class')!r}: "
+                          "export the model again")
+    return compressed_model_class(base_model, base_config)
+
+
+def is_export(path) -> bool:
+    """A folder bolaco wrote (or began to write): it holds bolaco.json, or a config.json of model type bolaco."""
+    if path is None:
+        return False
+    folder = Path(str(path)).expanduser()
+    if (folder / "bolaco.json").is_file():
+        return True
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_compressed(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                    device_map: str | dict | None = None, fuse: bool = True):
+    """Load an exported model and its tokenizer: the base architecture with bolaco's layers, through
+    `from_pretrained` (dtype: a torch dtype or its name, default the stored one; device_map: as for any transformers
+    model). The folder is verified first: no file outside it is read, every weight file must match bolaco.json's
+    sha256, and config.json's layers must match the stored tensors. `fuse`: stack the down factors of the low-rank
+    layers that read one input (the same logits); it follows the weights wherever they go (bolaco.layers)."""
+    folder = Path(path).expanduser()
+    for name in ("bolaco.json", "config.json"):
+        if not (folder / name).is_file():
+            raise BolacoError(f"{folder} is not a complete bolaco export: {name} is missing (export the model again)")
+    meta = ExportMeta.read(folder)
+    config = read_config(folder)
+    _verify_weights(folder, meta)
+    _check_layers(folder, config, meta)
+    config_cls, model_cls = model_classes(config)
+    cfg = config_cls.from_dict({k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
+    kwargs = {"device_map": device_map} if device_map is not None else {}
+    model, info = model_cls.from_pretrained(folder, config=cfg, dtype=torch_dtype(dtype or config["dtype"]),
+                                            fuse=False, output_loading_info=True, **kwargs)
+    if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise BolacoError(f"{folder}: the weights do not match config.json (missing "
+                          f"{sorted(info['missing_keys'])[:3]}, "
+                          f"unexpected {sorted(info['unexpected_keys'])[:3]}): export the model again")
     model.eval()
-    if device:
+    if device and device_map is None:
         model.to(device)
     if fuse:
-        fuse_shared_inputs(model, shared_input_groups(adapter, meta.ranks))
-    # the base configuration: AutoTokenizer would otherwise ask to run the folder's modeling code
-    tokenizer = AutoTokenizer.from_pretrained(path, config=config) if (path / "tokenizer_config.json").is_file() \
-        else None
+        fuse_shared_inputs(model, config["bolaco"].get("shared_inputs", []))
+    tokenizer = None
+    if (folder / "tokenizer_config.json").is_file():
+        # the base configuration: AutoTokenizer would otherwise ask to run the folder's modeling code
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=CONFIG_MAPPING[config["bolaco"]["base_model_type"]]())
     return model, tokenizer

@@ -1,11 +1,12 @@
-"""Post-training inside the low-rank subspace (DESIGN 2.8), merged back without growing the model.
+"""Post-training inside the compressed model (docs/design.md, "Post-training"), merged back without growing it.
 
-For y = up(down(x)) + b:
-- `lora`: peft LoRA on every `down` factor (k x d_in). The update up (B A) stays in span(up) and merges
-  into `down` exactly, so rank map, parameter count and file size are unchanged. With `lora_dense`, the
-  projections the rank map kept dense get plain LoRA of the same rank, merged into their weights.
-- `scaling` (Bolaco's variant): factors frozen; a trainable length-k vector s between the factors and a
-  length-d_out vector g on the output, y = g * (up(s * down(x)) + b), merged as down <- diag(s) down,
+For a per-matrix low-rank layer y = up(down(x)) + b:
+- `lora`: peft LoRA on every `down` factor (k x d_in). The update up (B A) stays in span(up) and merges into
+  `down` exactly, so level map, parameter count and file size are unchanged. The plain matrices of structured
+  layers (the kept rows of q/k/v, the kept columns of o, the narrower MLP) get LoRA on themselves, merged into
+  them at their reduced shapes; with `lora_dense`, so do the projections the level map kept dense.
+- `scaling` (Bolaco's variant, per-matrix factors only): factors frozen; a trainable length-k vector s between the
+  factors and a length-d_out vector g on the output, y = g * (up(s * down(x)) + b), merged as down <- diag(s) down,
   up <- diag(g) up, b <- g * b.
 - `dense`: the fair baseline, LoRA of the same rank on every projection of the *dense* model, trained with
   the same data, tokens and settings.
@@ -28,10 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import Adapter, adapter_for
-from ..layers import LowRankLinear
 from ..errors import BolacoError
+from ..layers import ColumnsLinear, LowRankLinear, NarrowLinear, RowsLinear
 from ..store import atomic_write, file_sha256
-from ..study import FINETUNE_VARIANTS as VARIANTS, FinetuneConfig
+from ..study import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,24 @@ class DiagonalScaling(nn.Module):
                                               bias, inner.dense_bias)
 
 
-def lowrank_ids(adapter: Adapter) -> list[str]:
-    ids = [lid for lid in adapter.linears if isinstance(adapter.module(lid), LowRankLinear)]
+def compressed_ids(adapter: Adapter) -> list[str]:
+    ids = [lid for lid in adapter.linears
+           if isinstance(adapter.module(lid), (LowRankLinear, RowsLinear, ColumnsLinear, NarrowLinear))]
     if not ids:
-        raise BolacoError("the model has no low-rank layers: post-training needs a compressed model "
+        raise BolacoError("the model has no compressed layers: post-training needs a compressed model "
                           "(`make export` or `bolaco compress`)")
     return ids
+
+
+def lora_target(adapter: Adapter, lid: str) -> str:
+    """The plain nn.Linear that LoRA trains for linear `lid`: a low-rank layer's `down` factor, a structured
+    layer's inner matrix, or the layer itself."""
+    path, m = adapter.linears[lid].path, adapter.module(lid)
+    if isinstance(m, LowRankLinear):
+        return f"{path}.down"
+    if isinstance(m, (RowsLinear, ColumnsLinear)):
+        return f"{path}.linear"
+    return path
 
 
 class _Checkpoint:
@@ -132,29 +145,34 @@ class SubspaceTuner:
     dense=True: the baseline, LoRA on every projection of a dense model (variant lora only)."""
 
     def __init__(self, model, cfg: FinetuneConfig, teacher=None, dense: bool = False):
-        if cfg.variant not in VARIANTS:
-            raise BolacoError(f"unknown fine-tuning variant '{cfg.variant}' (choose from {', '.join(VARIANTS)})")
         if dense and cfg.variant != "lora":
             raise BolacoError("the dense baseline is LoRA on the dense projections: use variant lora")
         if cfg.distill > 0 and teacher is None:
             raise BolacoError("finetune.distill needs the dense model as teacher")
         self.model, self.cfg, self.teacher = model, cfg, teacher
         self.adapter = adapter_for(model)
-        self.ids = list(self.adapter.linears) if dense else lowrank_ids(self.adapter)
+        self.ids = list(self.adapter.linears) if dense else compressed_ids(self.adapter)
         torch.manual_seed(cfg.seed)
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.variant == "lora":
             from peft import LoraConfig, get_peft_model
-            targets = [self.adapter.linears[lid].path + ("" if dense else ".down") for lid in self.ids]
+            targets = [lora_target(self.adapter, lid) for lid in self.ids]
             if not dense and cfg.lora_dense:   # the projections kept dense: plain LoRA, merged into the weight
                 targets += [info.path for lid, info in self.adapter.linears.items() if lid not in self.ids]
             self.net = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                         target_modules=targets, bias="none"))
         else:
+            self.ids = [lid for lid in self.ids if isinstance(self.adapter.module(lid), LowRankLinear)]
+            if not self.ids:
+                raise BolacoError("finetune.variant scaling trains the scalings of per-matrix factors, and this model "
+                                  "has none (structured modules): use finetune.variant lora")
             for lid in self.ids:
                 self.adapter.replace(lid, DiagonalScaling(cast(LowRankLinear, self.adapter.module(lid))))
             self.net = model
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         self.trainable = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
 
     def fit(self, sequences: torch.Tensor, checkpoint: Path | None = None, progress: bool = True) -> list[float]:
@@ -168,6 +186,7 @@ class SubspaceTuner:
         start, losses = store.load(self.trainable, optimizer)
         for _ in range(start):
             scheduler.step()
+        # bfloat16 autocast on a GPU (LoRA's own weights stay float32: peft's autocast_adapter_dtype)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         perms: dict = {}

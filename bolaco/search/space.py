@@ -1,12 +1,13 @@
-"""The search space: keep ratios of the searched linears as a linear function of a few variables.
+"""The search space: keep ratios of the searched units as a linear function of a few variables.
 
-Every parameterisation writes the keep ratio of each searched linear as a convex combination of the
-variables, keep = W x with x in [r_min, 1]^d and rows of W summing to 1:
-- `groups`: one variable per (type group, contiguous block group), a step function over depth;
-- `types`: one variable per type group, the same ratio in every block;
-- `knots`: per type group a piecewise-linear curve over depth through `knots` evenly spaced values.
-Linears of types kept dense are not searched at all. Parameter count is (up to rounding) linear in the
-keep ratios, so the budget is the hyperplane P . x = rhs with P = W^T (dense parameters of each linear).
+Every parameterisation writes the keep ratio of each searched unit (a projection with per-matrix factors, or a
+structured module) as a convex combination of the variables, keep = W x with x in [r_min, 1]^d and rows of W
+summing to 1:
+- `groups`: one variable per (unit type group, contiguous block group), a step function over depth;
+- `types`: one variable per unit type group, the same ratio in every block;
+- `knots`: per unit type group a piecewise-linear curve over depth through `knots` evenly spaced values.
+Units of types kept dense are not searched at all. Parameter count is (up to rounding) linear in the keep ratios,
+so the budget is the hyperplane P . x = rhs with P = W^T (dense parameters of each unit).
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import Adapter
-from ..decompose import Budget, RankMap
+from ..arch import linear_id
+from ..decompose import Budget, Decomposition, LevelMap
 from ..errors import BolacoError
 from ..study import Study
 
 log = logging.getLogger(__name__)
 
 
-def _type_groups(adapter: Adapter, tie, dense) -> list[tuple[str, ...]]:
-    adapter.check_types([t for g in tie for t in g] + list(dense), "search")
+def _type_groups(types: tuple[str, ...], tie, dense) -> list[tuple[str, ...]]:
+    unknown = [t for t in [t for g in tie for t in g] + list(dense) if t not in types]
+    if unknown:
+        raise BolacoError(f"search: unknown unit type(s) {', '.join(unknown)} in search.tie or search.dense "
+                          f"(this study's unit types are {', '.join(types)})")
     tied = [tuple(g) for g in tie]
-    return tied + [(t,) for t in adapter.types if t not in dense and all(t not in g for g in tied)]
+    return tied + [(t,) for t in types if t not in dense and all(t not in g for g in tied)]
 
 
 def _depth_weights(space: str, n_blocks: int, groups: int, knots: int) -> tuple[list[str], torch.Tensor]:
@@ -76,39 +80,41 @@ def scale_onto_plane(v: torch.Tensor, coef: torch.Tensor, rhs: float, lo: float,
 @dataclass(frozen=True)
 class SearchSpace:
     names: tuple[str, ...]        # variables, the columns of `weights`
-    lids: tuple[str, ...]         # searched linears, the rows of `weights`
-    weights: torch.Tensor         # keep(lids[i]) = weights[i] @ x, float64, rows sum to 1
+    uids: tuple[str, ...]         # searched units, the rows of `weights`
+    weights: torch.Tensor         # keep(uids[i]) = weights[i] @ x, float64, rows sum to 1
     type_group: tuple[int, ...]   # per variable: index of its type group (the coarse variable it refines)
     r_min: float
     budget: Budget
     target: int
 
     @classmethod
-    def from_study(cls, study: Study, adapter: Adapter, budget: Budget) -> "SearchSpace":
+    def from_study(cls, study: Study, decomposition: Decomposition) -> "SearchSpace":
         cfg = study.search
-        groups_of_types = _type_groups(adapter, cfg.tie, cfg.dense)
-        suffixes, depth = _depth_weights(cfg.space, adapter.n_blocks, cfg.groups, cfg.knots)
-        names, lids, type_group = [], [], []
+        n_blocks, budget = decomposition.adapter.n_blocks, decomposition.budget
+        groups_of_types = _type_groups(decomposition.unit_types, cfg.tie, cfg.dense)
+        suffixes, depth = _depth_weights(cfg.space, n_blocks, cfg.groups, cfg.knots)
+        names, uids, type_group = [], [], []
         for g, tg in enumerate(groups_of_types):
             names += [f"{'+'.join(tg)}{s}" for s in suffixes]
             type_group += [g] * len(suffixes)
-            lids += [f"{b}.{t}" for b in range(adapter.n_blocks) for t in tg]
-        weights = torch.zeros(len(lids), len(names), dtype=torch.float64)
+            uids += [linear_id(b, t) for b in range(n_blocks) for t in tg]
+        weights = torch.zeros(len(uids), len(names), dtype=torch.float64)
         row = 0
         for g, tg in enumerate(groups_of_types):
-            for b in range(adapter.n_blocks):
+            for b in range(n_blocks):
                 for _ in tg:
                     weights[row, g * len(suffixes):(g + 1) * len(suffixes)] = depth[b]
                     row += 1
-        space = cls(tuple(names), tuple(lids), weights, tuple(type_group), cfg.r_min, budget,
-                    budget.target(study.remove))
+        space = cls(tuple(names), tuple(uids), weights, tuple(type_group), cfg.r_min, budget,
+                    budget.target(study.budget.remove))
         total = float(space.coefficients.sum())
+        remove = study.budget.remove
         if space.rhs <= space.r_min * total:
-            raise BolacoError(f"the search space cannot meet remove={study.remove}: with r_min={cfg.r_min} and "
+            raise BolacoError(f"the search space cannot meet remove={remove}: with r_min={cfg.r_min} and "
                               f"types {list(cfg.dense)} kept dense ({space.dense_rest:,} parameters) the searched "
-                              "layers would need keep ratios below r_min; lower r_min or search more types")
+                              "units would need keep ratios below r_min; lower r_min or search more types")
         if space.rhs >= total:
-            raise BolacoError(f"remove={study.remove} is met with every searched layer dense: nothing to search")
+            raise BolacoError(f"remove={remove} is met with every searched unit dense: nothing to search")
         return space
 
     @property
@@ -118,19 +124,19 @@ class SearchSpace:
     @property
     def coefficients(self) -> torch.Tensor:
         """P_j, the slope of the parameter count in x_j, in `names` order."""
-        dense = torch.tensor([float(self.budget.dense(l)) for l in self.lids], dtype=torch.float64)
+        dense = torch.tensor([float(self.budget.dense(u)) for u in self.uids], dtype=torch.float64)
         return self.weights.T @ dense
 
     @property
     def dense_rest(self) -> int:
-        """Parameters of the linears that are not searched (types kept dense)."""
-        searched = set(self.lids)
-        return sum(self.budget.dense(l) for l in self.budget.linears if l not in searched)
+        """Parameters of the units that are not searched (types kept dense)."""
+        searched = set(self.uids)
+        return sum(self.budget.dense(u) for u in self.budget.units if u not in searched)
 
     @property
     def rhs(self) -> float:
         """P . x must equal this for the budget to be met (before rounding)."""
-        offset = sum(self.budget.lowrank(l, 0) for l in self.lids)
+        offset = sum(self.budget.units[u].fixed for u in self.uids)
         return float(self.target - offset - self.dense_rest)
 
     def vector(self, point: dict[str, float]) -> torch.Tensor:
@@ -148,11 +154,18 @@ class SearchSpace:
         return scale_onto_plane(x, self.coefficients, self.rhs, self.r_min, 1.0)
 
     def keeps(self, x: torch.Tensor) -> dict[str, float]:
-        return dict(zip(self.lids, (self.weights @ x).tolist()))
+        return dict(zip(self.uids, (self.weights @ x).tolist()))
 
-    def ranks(self, point: dict[str, float] | torch.Tensor) -> RankMap:
+    def levels(self, point: dict[str, float] | torch.Tensor) -> LevelMap:
         x = point if isinstance(point, torch.Tensor) else self.vector(point)
         return self.budget.fit(self.keeps(x), self.target)
+
+    def point_of(self, keeps: dict[str, float]) -> torch.Tensor:
+        """The point of the space nearest (least squares) to per-unit keep ratios, projected onto the budget
+        hyperplane: how a designed allocation (uniform, importance, sensitivity) enters the search."""
+        target = torch.tensor([keeps.get(u, 1.0) for u in self.uids], dtype=torch.float64)
+        x = torch.linalg.lstsq(self.weights, target.unsqueeze(-1)).solution.squeeze(-1)
+        return self.project(x.clamp(self.r_min, 1.0))
 
     # Normalised coordinates u in [0, 1]^d, x = r_min + (1 - r_min) u, as the GP sees them.
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,68 +1,74 @@
-"""SFSD surgical rank search (DESIGN 2.7, arXiv 2405.13039): greedy, module by module.
+"""SFSD surgical search (docs/design.md, "The surgical search"; arXiv 2405.13039): greedy, unit by unit.
 
-Modules are visited from the last block backwards (configurable start, order and types). For each module
-the ranks of a grid (rank 1, then 10 %, 20 %, ... of the break-even rank) are tried from small to large,
-and the smallest whose metric on the search chunk stays within tolerance of the dense model's is kept,
-if it also passes on a second, disjoint verification chunk; otherwise the module stays dense. The
-search stops once the parameter budget is met. Tolerance: for accuracy-like metrics (higher is better)
-metric >= dense - delta; for perplexity (lower is better) metric <= dense * (1 + delta) ** (accepted + 1),
-SFSD's geometric allowance that grows with the number of modules already compressed. The metric is the
-search-split perplexity or the accuracy of a zero-shot task (bolaco.tasks), each cut into two disjoint
-halves: "search" and "verify".
+Units are visited from the last block backwards (configurable start, order and types). For each unit the levels
+of a grid (the smallest level, then 10 %, 20 %, ... of the break-even level) are tried from small to large, and
+the smallest whose objective on the search chunk stays within tolerance of the dense model's is kept, if it also
+passes on a second, disjoint verification chunk; otherwise the unit stays dense. The search stops once the
+parameter budget is met. Tolerance: for objectives to maximise (a task's accuracy) value >= dense - delta; for
+log-perplexity value <= dense + (accepted + 1) log(1 + delta), SFSD's geometric allowance on perplexity
+(ppl <= dense (1 + delta)^(accepted + 1)) that grows with the number of units already compressed. The objective
+is one of bolaco.search.objectives (search-split log-perplexity, or a zero-shot task's accuracy), each measured on
+two disjoint halves of its data: "search" and "verify".
 
-Every probe is an Optuna trial of its own study in the same store (value: the metric; user attrs: module,
-rank, chunk, accepted, seconds), so the dashboard shows the search, and a rerun replays the recorded
+Every probe is an Optuna trial of its own study in the same store (value: the objective; user attrs: module,
+rank (the level), chunk, accepted, seconds), so the dashboard shows the search, and a rerun replays the recorded
 probes instead of evaluating them again: an interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, cast
 
 import optuna
 from optuna.distributions import IntDistribution
 
-from ..arch import Adapter, linear_id
-from ..decompose import RankMap
-from ..decompose import Compressor
+from ..arch import linear_id
+from ..decompose import Compressor, LevelMap
 from ..errors import BolacoError
 from ..study import SurgicalConfig
+from .objectives import OBJECTIVES, Objective, TaskAccuracy, make_objective
 
-Metric = Callable[[str], float]       # chunk name ("search" or "verify") -> metric of the model as it is now
+Metric = Callable[[str], float]       # chunk name ("search" or "verify") -> objective of the model as it is now
 
 
-def module_order(adapter: Adapter, cfg: SurgicalConfig) -> list[str]:
-    adapter.check_types(cfg.types, "surgical")
-    types = cfg.types or adapter.types
-    n = adapter.n_blocks
+def module_order(comp: Compressor, cfg: SurgicalConfig) -> list[str]:
+    types = comp.decomposition.unit_types
+    unknown = [t for t in cfg.types if t not in types]
+    if unknown:
+        raise BolacoError(f"surgical: unknown unit type(s) {', '.join(unknown)} (this study's unit types are "
+                          f"{', '.join(types)})")
+    n = comp.adapter.n_blocks
     start = n - 1 if cfg.start_block is None else cfg.start_block
     if not 0 <= start < n:
         raise BolacoError(f"surgical: start block {start} is outside 0..{n - 1}")
     blocks = range(start, -1, -1) if cfg.backwards else range(start, n)
-    return [linear_id(b, t) for b in blocks for t in types]
+    return [linear_id(b, t) for b in blocks for t in (cfg.types or types)]
 
 
-def rank_grid(comp: Compressor, lid: str, cfg: SurgicalConfig) -> list[int]:
-    """Rank 1, then the fractions of the break-even rank, rounded to the rank multiple; ascending, unique."""
-    top = comp.budget.max_rank(lid, 1)
-    m = comp.budget.multiple
-    grid = {1} | {max(m, round(f * top / m) * m) for f in cfg.fractions}
+def rank_grid(comp: Compressor, uid: str, cfg: SurgicalConfig) -> list[int]:
+    """The smallest level, then the fractions of the break-even level, rounded to the unit's step; ascending,
+    unique."""
+    unit = comp.budget.units[uid]
+    top, m = unit.max_level(1), unit.step
+    grid = {1 if m == 1 else m} | {max(m, round(f * top / m) * m) for f in cfg.fractions}
     return sorted(k for k in grid if 0 < k <= top)
 
 
-def run(ws, comp, progress: bool = True) -> tuple[RankMap, dict]:
+def run(ws, comp, progress: bool = True) -> tuple[LevelMap, dict]:
     """The study's surgical search, probes logged in the study store as `<study>-surgical-<metric>`."""
     from . import open_storage
     cfg = ws.study.surgical
+    objective = surgical_objective(ws, cfg)
     name = f"{ws.study.name}-surgical-{cfg.metric}"
     study = optuna.create_study(study_name=name, storage=open_storage(ws.study.storage), load_if_exists=True,
-                                direction="minimize" if cfg.metric == "ppl" else "maximize")
+                                direction=objective.direction)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    metric = perplexity_metric(ws) if cfg.metric == "ppl" else task_metric(ws, cfg.metric, cfg.task_rows)
-    return surgical_search(comp, metric, cfg, comp.budget.target(ws.study.remove), study, progress,
-                           higher_is_better=cfg.metric != "ppl")
+    return surgical_search(comp, lambda chunk: objective.measure(chunk).value, cfg,
+                           comp.budget.target(ws.study.budget.remove), study, progress,
+                           higher_is_better=objective.direction == "maximize")
 
 
 class _ProbeLog:
@@ -99,7 +105,7 @@ class _ProbeLog:
         return value, ok
 
 
-def accepted_ranks(probes: list[optuna.trial.FrozenTrial]) -> RankMap:
+def accepted_ranks(probes: list[optuna.trial.FrozenTrial]) -> LevelMap:
     """The rank map that a sequence of recorded probes (in order) had built: every verified acceptance."""
     return {p.user_attrs["module"]: p.user_attrs["rank"] for p in probes
             if p.user_attrs["chunk"] == "verify" and p.user_attrs["accepted"] and p.user_attrs["module"] != "dense"}
@@ -107,23 +113,24 @@ def accepted_ranks(probes: list[optuna.trial.FrozenTrial]) -> RankMap:
 
 def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, target: int,
                     study: optuna.Study | None = None, progress: bool = True,
-                    higher_is_better: bool = False) -> tuple[RankMap, dict]:
-    """Greedy SFSD search; returns (rank map, summary). `target` is the parameter budget to reach."""
+                    higher_is_better: bool = False) -> tuple[LevelMap, dict]:
+    """Greedy SFSD search; returns (level map, summary). `target` is the parameter budget to reach. A metric to
+    minimise is a log-perplexity (see the module docstring)."""
     from tqdm.auto import tqdm
-    adapter, budget = comp.adapter, comp.budget
+    budget = comp.budget
     log = _ProbeLog(study)
     comp.restore()
     dense = {chunk: log.probe("dense", 0, chunk, functools.partial(metric, chunk), lambda v: True, -1)[0]
              for chunk in ("search", "verify")}
-    ranks: RankMap = {}
+    ranks: LevelMap = {}
     evaluations = 2
 
     def within(value: float, chunk: str) -> bool:
         if higher_is_better:
             return value >= dense[chunk] - cfg.delta
-        return value <= dense[chunk] * (1 + cfg.delta) ** (len(ranks) + 1)
+        return value <= dense[chunk] + (len(ranks) + 1) * math.log1p(cfg.delta)
 
-    order = module_order(adapter, cfg)
+    order = module_order(comp, cfg)
     with tqdm(order, desc="surgical", unit="module", disable=not progress) as bar:
         for index, lid in enumerate(bar):
             if budget.params(ranks) <= target:
@@ -147,28 +154,24 @@ def surgical_search(comp: Compressor, metric: Metric, cfg: SurgicalConfig, targe
                    "removed": 1 - params / budget.decomposable, "dense": dense}
 
 
-def perplexity_metric(ws, batch_size: int | None = None) -> Metric:
-    """Search-split perplexity, the split cut in two disjoint halves: 'search' and 'verify'."""
-    from ..evaluate.perplexity import perplexity
-    seqs = ws.data["search"]
-    if len(seqs) < 2:
-        raise BolacoError("surgical search needs at least 2 search sequences (one per chunk)")
-    half = len(seqs) // 2
-    chunks = {"search": seqs[:half], "verify": seqs[half:]}
-    return lambda chunk: perplexity(ws.model, chunks[chunk], batch_size or ws.study.batch_size, progress=False).ppl
-
-
-def task_metric(ws, task: str, rows: int, seed: int = 0, batch_size: int = 8) -> Metric:
-    """lm-eval accuracy on `rows` seeded rows of a local zero-shot task, cut in two disjoint halves; the
-    other rows of the task stay unseen by the search (bolaco.tasks.split)."""
-    from ..evaluate.tasks import ZERO_SHOT, evaluate, lm_wrapper, load_tasks, n_docs, split
-    if task not in ZERO_SHOT:
-        raise BolacoError(f"surgical metric '{task}' is neither 'ppl' nor a zero-shot task ({', '.join(ZERO_SHOT)})")
-    loaded = load_tasks([task], ws.study.data_dir)
-    search_rows, _test_rows = split(n_docs(loaded, task), rows, seed)
+def surgical_objective(ws, cfg: SurgicalConfig) -> Objective:
+    """The objective of `surgical.metric` on two disjoint halves of its data: a registered objective on the search
+    split, or the accuracy of a zero-shot task on `task_rows` seeded rows (the task's other rows stay unseen)."""
+    if cfg.metric in OBJECTIVES:
+        seqs = ws.data["search"]
+        if len(seqs) < 2:
+            raise BolacoError("surgical search needs at least 2 search sequences (one per chunk)")
+        half = len(seqs) // 2
+        return make_objective(cfg.metric, ws.model, {"search": seqs[:half], "verify": seqs[half:]},
+                              ws.study.evaluate.batch_size, ws.study.search.kl_weight)
+    from ..evaluate.tasks import ZERO_SHOT, load_tasks, n_docs, split
+    if cfg.metric not in ZERO_SHOT:
+        raise BolacoError(f"surgical.metric '{cfg.metric}' is neither an objective ({', '.join(OBJECTIVES.names())}) "
+                          f"nor a zero-shot task ({', '.join(ZERO_SHOT)})")
+    loaded = load_tasks([cfg.metric], ws.study.data.dir)
+    search_rows, _test_rows = split(n_docs(loaded, cfg.metric), cfg.task_rows, 0)
     if len(search_rows) < 2:
-        raise BolacoError(f"surgical search needs at least 2 rows of task '{task}'")
+        raise BolacoError(f"surgical search needs at least 2 rows of task '{cfg.metric}'")
     half = len(search_rows) // 2
-    chunks = {"search": search_rows[:half], "verify": search_rows[half:]}
-    lm = lm_wrapper(ws.model, ws.tokenizer, batch_size)
-    return lambda chunk: evaluate(lm, loaded, samples={task: chunks[chunk]})[task]["acc"]
+    return TaskAccuracy(ws.model, ws.tokenizer, cfg.metric, loaded,
+                        {"search": search_rows[:half], "verify": search_rows[half:]}, ws.study.evaluate.batch_size)

@@ -25,6 +25,5 @@ if __name__ == "__main__":
     if (sys.argv[5] if len(sys.argv) > 5 else "slow") == "slow":
         ppl_module.perplexity = slow_perplexity
     ws, comp = tiny_workspace(__import__("pathlib").Path(cache_dir))
-    import dataclasses
-    ws.study = dataclasses.replace(ws.study, storage=storage)
+    ws.study = ws.study.override(storage=storage)
     search_worker.run(ws, comp, create=(mode == "create"), trials=int(trials), artifacts=None)

@@ -1,4 +1,4 @@
-"""Loaders of the local copies of the zero-shot tasks, for lm-eval's `custom_dataset` (bolaco/tasks.py).
+"""Loaders of the local copies of the zero-shot tasks, for lm-eval's `custom_dataset` (bolaco/evaluate/tasks.py).
 
 lm-eval calls each loader with the task's metadata; bolaco's TaskManager puts the data directory there as
 `data_dir`. Each loader returns the split that lm-eval's own task definition evaluates, in the layout of

@@ -1,0 +1,1 @@
+"""The commands that use every stage: post-training an export (finetune) and evaluating any model (eval)."""

@@ -1,0 +1,88 @@
+"""The structured MLP (docs/design.md, "Structured modules"; MoDeGPT's Nystrom MLP): keep k neurons.
+
+For h = act(W_G x) * (W_U x) (d_int wide) and y = W_D h + b, keeping the neurons S makes gate and up lose the
+other rows and down the other columns, so the block stays an ordinary MLP of width k (3 d k parameters instead of
+the 2 k (d_in + d_out) of per-matrix factors at the same saving). Down is refitted in closed form on the kept
+features, the least-squares map from h_S to W_D h over the calibration statistics (centred: the mean of what the
+dropped neurons contributed becomes down's bias):
+    W_D' = W_D C[:, S] C[S, S]^-1,    b' = W_D mu + b - W_D' mu_S,    C = Cov(h), mu = E[h].
+Neurons are ranked once, by ridge leverage (the smallest diagonal entries of (C + lam I)^-1 first), so the kept
+sets are nested and one Cholesky factor in that order serves every k: with C_perm = L L^T,
+W_D' = (W_D[:, order] L)[:, :k] (L^-1)[:k, :k], a d x k x k product per trial instead of a solve.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...arch import linear_id
+from ...layers import NarrowLinear
+from ..budget import Unit
+from .base import METHODS, DenseLayer, Method
+
+LEVERAGE_RIDGE = 1e-2     # of the mean feature variance: the ridge of the leverage scores (MoDeGPT's order)
+CHOLESKY_RIDGE = 1e-6     # keeps the factor of a (near-)singular covariance finite
+
+
+@METHODS.register("mlp")
+class NeuronMLP(Method):
+    name = "mlp"
+    module = "mlp"
+    FORMAT = 1
+
+    def _linears(self, block: int):
+        return [self.adapter.linears[linear_id(block, t)] for t in self.types]   # the input projections, then down
+
+    def units(self, block):
+        lis = self._linears(block)
+        down, width = lis[-1], lis[-1].d_in
+        dense = sum(li.d_in * li.d_out + (li.d_out if li.bias else 0) for li in lis)
+        # one neuron: a row of every input projection (gate and up, or both halves of a fused gate_up) and a
+        # column of down; down keeps a bias of d_out
+        per_level = sum((li.d_in + li.bias) * (li.d_out // width) for li in lis[:-1]) + down.d_out
+        return [Unit(linear_id(block, "mlp"), block, "mlp", tuple(li.id for li in lis), dense, down.d_out,
+                     per_level, self.multiple, width)]
+
+    def prepared_bytes(self):
+        total = 0
+        for b in range(self.adapter.n_blocks):
+            down = self._linears(b)[-1]
+            total += (down.d_in * down.d_in + down.d_out * down.d_in) * 4 + (down.d_in + down.d_out) * 16
+        return total
+
+    def prepare(self, stats, block, device, dtype):
+        down = self._linears(block)[-1]
+        moments = stats.moments(block, self.adapter.record_of(down.type))
+        cov, mu = moments.cov.to(device), moments.mean.to(device)
+        n = cov.shape[0]
+        eye = torch.eye(n, dtype=torch.float64, device=device)
+        scale = float(cov.diagonal().mean().clamp(min=1e-30))
+        leverage = torch.linalg.inv(cov + LEVERAGE_RIDGE * scale * eye).diagonal()
+        order = leverage.argsort()
+        chol = torch.linalg.cholesky(cov[order][:, order] + CHOLESKY_RIDGE * scale * eye)
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        w = self.adapter.module(down.id).weight.detach().to(device, torch.float64)
+        b = self.adapter.module(down.id).bias
+        w_mean = w @ mu + (b.detach().to(w) if b is not None else 0)
+        return {"mlp.order": order.cpu(), "mlp.m": (w[:, order] @ chol).float().cpu(),
+                "mlp.chol_inv": chol_inv.float().cpu(), "mlp.w_mean": w_mean.cpu(), "mlp.mu": mu[order].cpu()}
+
+    def build(self, unit, level, parts, dense: DenseLayer):
+        lis = self._linears(unit.block)
+        width, out = lis[-1].d_in, {}
+        device, dtype = dense(lis[-1].id).weight.device, dense(lis[-1].id).weight.dtype
+        p = {name: t.to(device, non_blocking=True) for name, t in parts.items()}
+        kept = p["order"][:level]
+        for li in lis[:-1]:          # rows of the kept neurons (in both halves of a fused gate_up)
+            layer = dense(li.id)
+            rows = torch.cat([kept + width * j for j in range(li.d_out // width)])
+            bias = layer.bias.detach()[rows] if layer.bias is not None else None
+            out[li.id] = NarrowLinear.from_weight(layer.weight.detach()[rows], bias, li.d_in, li.d_out, li.bias)
+        weight = p["m"][:, :level] @ p["chol_inv"][:level, :level]
+        bias = p["w_mean"] - weight.double() @ p["mu"][:level]
+        down = lis[-1]
+        out[down.id] = NarrowLinear.from_weight(weight.to(dtype), bias.to(dtype), down.d_in, down.d_out, down.bias)
+        return out
+
+    def refit_targets(self, unit):
+        return (unit.linears[-1],)
