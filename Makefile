@@ -43,7 +43,7 @@ collect:
 	$(BIN)/bolaco collect --study $(STUDY)
 
 compress:
-	$(BIN)/bolaco compress --study $(STUDY) --uniform $(if $(OUT),--out $(OUT))
+	$(BIN)/bolaco compress --study $(STUDY) $(if $(DESIGN),--design $(DESIGN)) $(if $(OUT),--out $(OUT))
 
 speed:
 	$(BIN)/bolaco speed --study $(STUDY) $(if $(BATCH),--batch $(BATCH))

@@ -45,14 +45,14 @@ def cmd_collect(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    if not args.uniform:
-        raise BolacoError("compress needs an allocation: --uniform "
-                          "(the searched allocations come from `bolaco search`)")
+    from .search import DESIGNS, SearchSpace
     study = _study(args)
+    design = DESIGNS.get(args.design, "--design")
     ws = _workspace(args, study)
     comp = ws.compressor()
-    levels = comp.budget.uniform(study.budget.remove, study.search.dense)
-    ws.export(comp, levels, args.out or f"out/{study.name}-uniform", {"allocation": "uniform"})
+    space = SearchSpace.from_study(study, comp.decomposition)
+    levels = space.levels(design(ws, comp, space))
+    ws.export(comp, levels, args.out or f"out/{study.name}-{args.design}", {"allocation": f"design {args.design}"})
 
 
 def cmd_speed(args) -> None:
@@ -276,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     study_command("collect", "collect pooled covariances of every decomposable linear (cached, resumable)",
                   cmd_collect)
-    c = study_command("compress", "compress with a uniform allocation at the study's budget and export it",
-                      cmd_compress)
-    c.add_argument("--uniform", action="store_true", help="the same keep ratio for every unit")
-    c.add_argument("--out", help="output folder (default out/<study>-uniform)")
+    c = study_command("compress", "compress with a designed allocation (no search) at the study's budget and export "
+                                  "it", cmd_compress)
+    c.add_argument("--design", default="uniform", help="uniform (the same keep ratio for every unit), importance "
+                                                       "(MoDeGPT's per-block rule) or sensitivity")
+    c.add_argument("--out", help="output folder (default out/<study>-<design>)")
     v = study_command("speed", "time each projection type dense vs factorised at a serving batch size on this "
                                "device, and name the types to keep dense (search.dense)", cmd_speed)
     v.add_argument("--batch-size", type=_positive, default=1, help="rows per decoding step when serving (default 1)")
@@ -369,9 +370,26 @@ def _configure_output(verbose: bool, quiet: bool) -> None:
         log.addHandler(_HANDLER)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        _no_progress_bars()
     for name in ("optuna", "transformers", "lm-eval", "lm_eval", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+def _no_progress_bars() -> None:
+    """-q: every progress bar of this process off, bolaco's, transformers' and the hub's (tqdm reads its
+    TQDM_DISABLE variable once, at import, so the variable cannot do it)."""
+    import tqdm.std
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+    init = tqdm.std.tqdm.__init__
+    if not getattr(init, "quiet", False):
+        def quiet_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            init(self, *args, **kwargs)
+        quiet_init.quiet = True       # type: ignore[attr-defined]
+        tqdm.std.tqdm.__init__ = quiet_init    # type: ignore[method-assign]
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

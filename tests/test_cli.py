@@ -34,7 +34,7 @@ def test_collect_compress_search_export_surgical_eval_report(tmp_path, tokenizer
                      "surgical: {delta: 0.5, types: [q, up]}\n")
     s = ["--study", str(study)]
     assert main(["collect", *s]) == 0
-    assert main(["compress", *s, "--uniform"]) == 0
+    assert main(["compress", *s]) == 0
     assert main(["search", *s, "--trials", "2"]) == 0
     assert main(["worker", *s]) == 0                       # joins and brings the study to 3 trials
     assert main(["export", *s]) == 0

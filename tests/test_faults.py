@@ -43,11 +43,11 @@ EVAL = ["eval", "--model", "out/s-uniform", "--cache-dir", "storage/cache", "--p
 # before the stage, so that it really runs, and compared with the clean run after it)
 STAGES = {
     "collect": (["collect"], "storage/cache/*/covariance/block_000.safetensors", ["storage/cache/*/covariance/*"]),
-    "bases": (["compress", "--uniform"], "storage/cache/*/bases-*/block_000.safetensors",
+    "bases": (["compress"], "storage/cache/*/bases-*/block_000.safetensors",
               ["storage/cache/*/bases-*/*"]),
-    "refit": (["compress", "--uniform"], "storage/cache/refit/refit-*/block_000.safetensors",
+    "refit": (["compress"], "storage/cache/refit/refit-*/block_000.safetensors",
               ["storage/cache/refit/refit-*/*"]),
-    "export": (["compress", "--uniform"], "out/.s-uniform.tmp-*/config.json",
+    "export": (["compress"], "out/.s-uniform.tmp-*/config.json",
                ["out/s-uniform/model.safetensors", "out/s-uniform/config.json", "out/s-uniform/bolaco.json"]),
     "finetune": (["finetune", "--from", "out/s-uniform"], "storage/finetune/*/state.json",
                  ["out/s-uniform-ft-lora/model.safetensors", "storage/finetune/*/*"]),

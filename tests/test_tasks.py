@@ -112,7 +112,9 @@ def test_local_copies_have_the_official_row_counts():
     loaded = load_tasks(list(ZERO_SHOT))
     assert {t: n_docs(loaded, t) for t in ZERO_SHOT} == {
         "boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
-        "arc_challenge": 1172, "openbookqa": 500}
+        "arc_challenge": 1172, "openbookqa": 500, "lambada_openai": 5153}
+    lam = loaded["tasks"]["lambada_openai"].eval_docs[0]
+    assert loaded["tasks"]["lambada_openai"].doc_to_target(lam) == " signs"     # the last word, after a space
     tasks = loaded["tasks"]
     win = tasks["winogrande"].eval_docs[0]
     assert tasks["winogrande"].doc_to_choice(win) == ["Sarah was a much better surgeon than Maria so Sarah",

@@ -21,7 +21,7 @@ from ..data import RESOURCES, default_data_dir
 from ..errors import BolacoError
 
 TASKS_DIR = RESOURCES / "lm_eval_tasks"
-ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "lambada_openai")
 PERPLEXITY_TASKS = ("wikitext",)       # lm-eval's document-level word perplexity on the shipped WikiText-2
 KNOWN = ZERO_SHOT + PERPLEXITY_TASKS
 

@@ -104,3 +104,8 @@ def wikitext(**_) -> dict:
     text = (RESOURCES / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     pages = re.split(r"(?m)^(?= = [^=].* = $)", text)
     return _split("test", [{"page": p} for p in pages if p.strip()])
+
+
+def lambada(data_dir: str, **_) -> dict:
+    """OpenAI's LAMBADA test file ({"text": ...} per line), byte-identical to the one lm-eval pins."""
+    return _split("test", _rows(Path(data_dir) / "lambada" / "lambada_test.jsonl"))

@@ -1,0 +1,86 @@
+"""What a new user gets: the default study run from scratch for several seeds, through the code of `make study` and
+`make export` (`bolaco search`, `bolaco export`), each seed with a fresh study store and a fresh cache, then the
+held-out table per seed against the dense model measured in the same run.
+
+    .venv/bin/python bench/reproduce.py [--study studies/smollm2-20.yaml] [--seeds 0 1 2 3 4] [--limit 200]
+                                        [--set search.trials=40 ...] [--work DIR]
+
+Columns: WikiText-2 test, PTB test and C4 perplexity over dense (first 64 x 256 tokens of each; no role of the
+study reads them), the share of dense accuracy kept on the zero-shot tasks where the dense model is above chance
+(first --limit rows), and the seconds of `bolaco search` and `bolaco export` (the whole default job). The work
+folder is per code version (commit), so nothing an older bolaco left is ever resumed; a rerun of the same code
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bolaco import model as model_io
+from bolaco.study import load_study
+from common import CORPORA, LABELS, TASKS, HeldOut, bolaco, code_version, print_table, ratios, spread
+
+
+def run_seed(study: str, sets: list[str], seed: int, work: Path) -> tuple[Path, dict]:
+    """The default job for one seed, in its own folder; returns (export folder, seconds per command)."""
+    folder = work / f"seed{seed}"
+    out, timing_file = folder / "export", folder / "seconds.json"
+    if (out / "bolaco.json").is_file() and timing_file.is_file():
+        return out, json.loads(timing_file.read_text())
+    common = ["--study", study, "--cache-dir", str(folder / "cache"), "--storage", f"sqlite:///{folder}/studies.db",
+              "--set", f"search.seed={seed}", *[x for s in sets for x in ("--set", s)]]
+    seconds = {}
+    t = time.perf_counter()
+    bolaco("search", *common)
+    seconds["search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bolaco("export", *common, "--out", str(out))
+    seconds["export"] = time.perf_counter() - t
+    timing_file.write_text(json.dumps(seconds))
+    return out, seconds
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--study", default="studies/smollm2-20.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="a study override")
+    ap.add_argument("--work", help="work folder (default storage/bench/reproduce-<commit>)")
+    args = ap.parse_args()
+    work = Path(args.work or f"storage/bench/reproduce-{code_version()}")
+    study = load_study(args.study, args.set)
+    held = HeldOut(work / "eval", args.limit)
+    dense_model, tokenizer = model_io.load(study.model.path, dtype=study.model.dtype)
+    dense = held("dense", dense_model, tokenizer)
+    del dense_model
+    columns = list(CORPORA) + [t for t in TASKS if t in dense]
+    rows, per_seed = [], []
+    for seed in args.seeds:
+        out, seconds = run_seed(args.study, args.set, seed, work)
+        r = ratios(held.export(f"seed{seed}", out), dense)
+        meta = json.loads((out / "bolaco.json").read_text())
+        per_seed.append((r, seconds))
+        rows.append([f"seed {seed}", *(f"{r[c]:.3f}" for c in columns), meta["allocation"],
+                     f"{seconds['search']:.0f} + {seconds['export']:.0f}"])
+        print(f"seed {seed}: " + ", ".join(f"{LABELS[c]} {r[c]:.3f}" for c in columns), flush=True)
+    rows.append(["median [min-max]", *(spread([r[c] for r, _ in per_seed]) for c in columns), "",
+                 spread([(s["search"] + s["export"]) / 60 for _, s in per_seed], 1) + " min"])
+    rows.insert(0, ["dense (absolute)", *(f"{dense[c]:.2f}" if c in CORPORA else f"{100 * dense[c]:.1f} %"
+                                          for c in columns), "", ""])
+    print_table(f"The default study from scratch ({args.study}{', ' + ', '.join(args.set) if args.set else ''}; "
+                f"code {code_version()}): perplexity over dense, share of dense accuracy kept ({args.limit} rows per "
+                "task), seconds of `bolaco search` + `bolaco export`",
+                ["run", *(LABELS[c] for c in columns), "exported", "seconds"], rows)
+    worst = {c: max(r[c] for r, _ in per_seed) if c in CORPORA else min(r[c] for r, _ in per_seed) for c in columns}
+    print("worst seed: " + ", ".join(f"{LABELS[c]} {worst[c]:.3f}" for c in columns))
+    print("median task share kept: " + ", ".join(f"{LABELS[c]} {statistics.median(r[c] for r, _ in per_seed):.3f}"
+                                                  for c in columns if c not in CORPORA))
+
+
+if __name__ == "__main__":
+    main()
