@@ -6,6 +6,7 @@ same one line as any other."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -247,11 +248,19 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
                    help="warnings and errors only: no progress bars, no per-trial lines")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as bolaco's: one line that says what to do, exit 2."""
+
+    def error(self, message: str):
+        print(f"bolaco: error: {self.prog}: {mask_secrets(message)} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bolaco", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
+    p = _Parser(prog="bolaco", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     p.add_argument("--version", action="version", version=f"bolaco {__version__}")
     _add_verbosity(p, False)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name, help_, func):
         s = sub.add_parser(name, help=help_)
@@ -362,52 +371,107 @@ class _StderrHandler(logging.StreamHandler):
 _HANDLER = _StderrHandler()
 
 
-def _configure_output(verbose: bool, quiet: bool) -> None:
+def _configure_output(verbose: bool, quiet: bool) -> contextlib.AbstractContextManager:
     """bolaco's library modules log; the command shows them. -q: warnings only, no progress bars, Optuna quiet;
-    -v: bolaco's debug lines too."""
+    -v: bolaco's debug lines too. Returns the scope of the progress-bar setting (one command, not the process:
+    tests and notebooks call `main` many times)."""
     if _HANDLER not in log.handlers:
         _HANDLER.setFormatter(logging.Formatter("bolaco: %(message)s"))
         log.addHandler(_HANDLER)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    if quiet:
-        _no_progress_bars()
     for name in ("optuna", "transformers", "lm-eval", "lm_eval", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    return _no_progress_bars() if quiet else contextlib.nullcontext()
 
 
-def _no_progress_bars() -> None:
-    """-q: every progress bar of this process off, bolaco's, transformers' and the hub's (tqdm reads its
+@contextlib.contextmanager
+def _no_progress_bars():
+    """-q: every progress bar off while the command runs, bolaco's, transformers' and the hub's (tqdm reads its
     TQDM_DISABLE variable once, at import, so the variable cannot do it)."""
     import tqdm.std
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
     init = tqdm.std.tqdm.__init__
-    if not getattr(init, "quiet", False):
-        def quiet_init(self, *args, **kwargs):
-            kwargs["disable"] = True
-            init(self, *args, **kwargs)
-        quiet_init.quiet = True       # type: ignore[attr-defined]
-        tqdm.std.tqdm.__init__ = quiet_init    # type: ignore[method-assign]
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+    tqdm.std.tqdm.__init__ = quiet_init    # type: ignore[method-assign]
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = init      # type: ignore[method-assign]
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        _configure_output(getattr(args, "verbose", False), getattr(args, "quiet", False))
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:       # --help, --version, or a usage error already printed on one line
+            return int(exc.code or 0)
+        if _import_deferring_ctrl_c():
+            raise KeyboardInterrupt
         if getattr(args, "device", "unset") is None:
             import torch
             args.device = "cuda" if torch.cuda.is_available() else None
-        args.func(args)
+        with _configure_output(getattr(args, "verbose", False), getattr(args, "quiet", False)):
+            args.func(args)
     except BolacoError as exc:
         print(f"bolaco: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:    # the machine refused: a read-only folder, a full disk, a missing or unreadable file
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"bolaco: error: {exc.strerror or exc}:{where} (check the path's permissions and free space)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print("bolaco: interrupted; finished work is cached and resumes on the next run", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _after_ctrl_c(exc):
+            raise
+        # a Ctrl-C inside an import (torch's take seconds) can surface as the importer's own error
         print("bolaco: interrupted; finished work is cached and resumes on the next run", file=sys.stderr)
         return 130
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _import_deferring_ctrl_c() -> bool:
+    """Import torch and transformers (seconds) with Ctrl-C held back until they are in: an interrupt inside their
+    C++ import code aborts the process or surfaces as an unrelated import error. True if Ctrl-C came meanwhile."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(pressed)
+
+
+def _after_ctrl_c(exc: BaseException | None, seen: frozenset = frozenset()) -> bool:
+    """Whether a KeyboardInterrupt is among the causes of `exc` (transformers' lazy imports wrap it)."""
+    if exc is None or id(exc) in seen:
+        return False
+    return isinstance(exc, KeyboardInterrupt) or any(
+        _after_ctrl_c(e, seen | {id(exc)}) for e in (exc.__cause__, exc.__context__))
+
+
+def run() -> None:
+    """The `bolaco` command (and `python -m bolaco`). After a Ctrl-C the process ends at once with code 130:
+    libraries that were interrupted while importing can otherwise re-raise the signal at interpreter exit."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)

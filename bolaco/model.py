@@ -85,8 +85,8 @@ def load(spec: str | None = None, dtype: str | torch.dtype = torch.float32, devi
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:   # transformers, gguf and safetensors raise many types for a file they cannot read
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BolacoError(f"could not load model '{src.label}': {first}") from exc
     model.eval()
     if device:

@@ -122,11 +122,13 @@ class SearchConfig(Section):
     """Allocations evaluated first, before any draw: uniform, importance (MoDeGPT's per-block rule from the
     block-importance scores) and sensitivity (one type at a time compressed, the others kept; ranked by the loss)."""
     seed: int = 0
+    """Seeds every proposal (with the trial number): the same seed on the same machine gives the same trials."""
     objective: str = "ppl"
     """What a trial minimises on the search split: ppl (log-perplexity), kl (to the dense model) or ppl+kl."""
     kl_weight: float = Field(1.0, ge=0)
     """objective ppl+kl: NLL + kl_weight x KL, nats per token."""
     pruner: Literal["none", "median"] = "none"
+    """median: stop a trial whose running search value is worse than the median of earlier trials at that point."""
     prefetch: bool | Literal["auto"] = "auto"
     """Propose the next trial while one evaluates; auto: on a GPU."""
     refit_trials: bool = False
@@ -147,16 +149,25 @@ class FinetuneConfig(Section):
     variant: Literal["lora", "scaling"] = "lora"
     """lora: peft LoRA on every low-rank `down` factor; scaling: trainable diagonal scalings (Bolaco)."""
     steps: int = Field(100, ge=0)
+    """Optimizer steps; tokens = steps x batch_size x grad_accum x seq_len."""
     batch_size: int = Field(4, ge=1)
+    """Training sequences per micro-batch."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
     lr: float = Field(2e-4, gt=0)
+    """AdamW's learning rate."""
     schedule: str = "cosine"
     """Any transformers.get_scheduler name: cosine, linear, constant, ..."""
     warmup: int = Field(10, ge=0)
+    """Steps of linear warm-up of the learning rate."""
     lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
     lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     seed: int = 0
+    """Seeds the LoRA initialisation and the order of the training batches."""
     checkpoint_every: int = Field(25, ge=1)
+    """Steps between checkpoints (an interrupted run resumes from the last one)."""
     distill: float = Field(0.0, ge=0)
     """Loss = CE + distill x KL(dense || model) on the same tokens (0: off)."""
     lora_dense: bool = True
@@ -175,9 +186,11 @@ class SurgicalConfig(Section):
     start_block: int | None = None
     """The first block visited (default: the last one)."""
     backwards: bool = True
+    """Visit the blocks from start_block towards the first (else towards the last)."""
     types: tuple[str, ...] = ()
     """Unit types visited in each block; empty: all of them."""
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    """Levels tried per unit, as fractions of its break-even level (after the smallest level)."""
 
 
 class ExportConfig(Section):

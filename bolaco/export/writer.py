@@ -330,6 +330,9 @@ def load_compressed(path: str | Path, device: str | None = None, dtype: str | to
         raise BolacoError(f"{folder}: the weights do not match config.json (missing "
                           f"{sorted(info['missing_keys'])[:3]}, "
                           f"unexpected {sorted(info['unexpected_keys'])[:3]}): export the model again")
+    if count_params(model) != meta.params:
+        raise BolacoError(f"{folder / 'bolaco.json'}: 'params' is {meta.params:,} but the model has "
+                          f"{count_params(model):,}: export the model again")
     model.eval()
     if device and device_map is None:
         model.to(device)
