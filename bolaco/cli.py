@@ -204,9 +204,13 @@ def cmd_report(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .plan import plan
+    import torch
+    from .plan import check, plan
     study = _study(args)
-    print(plan(study, device=args.device or "cpu", quick=args.quick).table())
+    device = torch.device(args.device or "cpu")
+    p = plan(study, device=str(device))
+    print(p.table())
+    check(p, device)
 
 
 def cmd_config(args) -> None:
@@ -316,9 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                       cmd_report)
     r.add_argument("--compare", nargs="*", default=[], help="other study files to draw next to this one")
     r.add_argument("--out", help="output folder (default out/<study>-report)")
-    pl = study_command("plan", "what the study will cost on this machine (disk, memory, time per stage), from the "
+    study_command("plan", "what the study will cost on this machine (disk, memory, time per stage), from the "
                                "model's configuration alone and a few seconds of measurement", cmd_plan)
-    pl.add_argument("--quick", action="store_true", help="smaller micro-benchmarks (less accurate)")
     from_eval = command("eval", "evaluation suite: perplexity, zero-shot tasks (lm-eval), StereoSet; everything "
                                 "unless --ppl/--tasks/--stereoset pick some", cmd_eval)
     _eval_arguments(from_eval)

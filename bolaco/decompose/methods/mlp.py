@@ -21,7 +21,7 @@ from ..budget import Unit
 from .base import METHODS, DenseLayer, Method
 
 LEVERAGE_RIDGE = 1e-2     # of the mean feature variance: the ridge of the leverage scores (MoDeGPT's order)
-CHOLESKY_RIDGE = 1e-6     # keeps the factor of a (near-)singular covariance finite
+CHOLESKY_RIDGE = 1e-6     # keeps the factor of a (near-)singular covariance finite; grown tenfold while it fails
 
 
 @METHODS.register("mlp")
@@ -59,7 +59,7 @@ class NeuronMLP(Method):
         scale = float(cov.diagonal().mean().clamp(min=1e-30))
         leverage = torch.linalg.inv(cov + LEVERAGE_RIDGE * scale * eye).diagonal()
         order = leverage.argsort()
-        chol = torch.linalg.cholesky(cov[order][:, order] + CHOLESKY_RIDGE * scale * eye)
+        chol = _cholesky(cov[order][:, order], scale)
         chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
         w = self.adapter.module(down.id).weight.detach().to(device, torch.float64)
         b = self.adapter.module(down.id).bias
@@ -86,3 +86,16 @@ class NeuronMLP(Method):
 
     def refit_targets(self, unit):
         return (unit.linears[-1],)
+
+
+def _cholesky(cov: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Cholesky factor of cov + ridge I, the ridge grown tenfold (up to 1 % of the mean variance) while the
+    covariance is too rank-deficient for it: fewer calibration tokens than features leave float rounding below
+    zero in the null space."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    ridge = CHOLESKY_RIDGE
+    while True:
+        chol, info = torch.linalg.cholesky_ex(cov + ridge * scale * eye)
+        if int(info) == 0 or ridge >= 1e-2:
+            return torch.linalg.cholesky(cov + ridge * scale * eye) if int(info) else chol
+        ridge *= 10

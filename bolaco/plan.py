@@ -1,0 +1,246 @@
+"""What a study will cost on this machine, before any work (`bolaco plan`; docs/design.md, "Planning").
+
+From the model's configuration alone (a skeleton on the meta device: no weight is read) the plan knows every
+shape: parameters, the covariance cache and the bases on disk, the memory each stage holds. Times come from a few
+seconds of measurement on the execution device: bolaco's own collect, bases, apply and evaluation code run on a
+one-block model of the same width with random weights, scaled by depth and by the study's token counts. A stage
+that cannot fit (disk, host or device memory) is refused in one line before anything starts.
+
+Memory per stage = the model's weights + what the stage adds; every addition except the search's bases is
+per block or per batch, so it does not grow with depth (block streaming, docs/design.md "Collect")."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from . import model as model_io
+from .arch import adapter_for
+from .calibrate import cache_bytes, check_disk, collect
+from .decompose import Compressor, Decomposition, build_bases
+from .errors import BolacoError
+from .evaluate.perplexity import perplexity
+from .study import Study
+
+GB = 1e9
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    host: float            # peak bytes of host memory (weights included when the model lives there)
+    device: float = 0.0    # peak bytes of accelerator memory
+    disk: float = 0.0      # bytes the stage leaves on disk
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    study: str
+    model: str
+    device: str
+    params: int
+    blocks: int
+    stages: list[Stage] = field(default_factory=list)
+    job: tuple[str, ...] = ("load", "collect", "bases", "search", "export")   # `make study && make export`
+
+    @property
+    def job_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages if s.name in self.job)
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def table(self) -> str:
+        rows = [f"plan for study '{self.study}': {self.model}, {self.params / 1e9:.2f} B parameters, {self.blocks} "
+                f"blocks, on {self.device}",
+                f"{'stage':<10} {'minutes':>8} {'host GB':>8} {'device GB':>9} {'disk GB':>8}  what"]
+        for s in self.stages:
+            rows.append(f"{s.name:<10} {s.seconds / 60:>8.1f} {s.host / GB:>8.2f} {s.device / GB:>9.2f} "
+                        f"{s.disk / GB:>8.2f}  {s.note}")
+        rows.append(f"the default job ({' + '.join(self.job)}): about {self.job_seconds / 60:.0f} minutes; "
+                    "memory is the peak of each stage, weights included")
+        return "\n".join(rows)
+
+
+def skeleton(study: Study) -> torch.nn.Module:
+    """The study's model with every tensor on the meta device: shapes without weights."""
+    src = model_io.resolve(study.model.path)
+    try:
+        config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+    except Exception as exc:   # transformers and gguf raise many types for a file they cannot read
+        raise BolacoError(f"could not read the configuration of '{src.label}': {str(exc).splitlines()[0][:300]}") \
+            from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=model_io.torch_dtype(study.model.dtype))
+
+
+def _one_block(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A random-init model of the study's width with one block and a token vocabulary of 1,024 (the real
+    output layer is timed apart)."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers, config.vocab_size = 1, 1024
+    for key in ("layer_types", "mlp_only_layers"):          # per-layer lists follow the depth
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, getattr(config, key)[:1])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():      # small weights: finite activations
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+@dataclass
+class BlockCosts:
+    """Measured on the one-block model: seconds per calibration token and per evaluated token of one block,
+    seconds per block for bases and apply, seconds per token of the real output layer."""
+    collect_token: float
+    bases_block: float
+    apply_block: float
+    eval_token: float
+    head_token: float
+
+
+def measure(study: Study, config, device: torch.device, sequences: int = 2) -> BlockCosts:
+    """Per-token costs are slopes between runs on `sequences` and 3 x `sequences` calibration sequences, so the
+    fixed costs of a run (fingerprint, files, kernel start-up) do not pass for per-token costs."""
+    dtype = model_io.torch_dtype(study.model.dtype)
+    model = _one_block(config, dtype, device)
+    runs = [torch.randint(0, 1024, (k * sequences, study.seq_len), generator=torch.Generator().manual_seed(k))
+            for k in (1, 3)]
+    root = Path(tempfile.mkdtemp(prefix="bolaco-plan-"))
+    try:
+        collect_s, eval_s = [], []
+        for ids in runs:        # the best of two runs: the first also warms kernels and caches up
+            folders = iter(root / f"{len(collect_s)}-{i}" for i in range(2))
+            collect_s.append(min(_seconds(lambda: collect(model, ids, next(folders), batch_size=sequences,
+                                                          progress=False, device=device), device) for _ in range(2)))
+            eval_s.append(min(_seconds(lambda: perplexity(model, ids, sequences, progress=False), device)
+                              for _ in range(2)))
+        cov = collect(model, runs[-1], root / "2", batch_size=sequences, progress=False, device=device)
+        dec = study.decompose
+        decomposition = Decomposition(adapter_for(model), dec.method, dec.modules, dec.rank_multiple)
+        bases_s = _seconds(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
+        comp = Compressor(decomposition, build_bases(decomposition, cov, progress=False, device=device))
+        comp.bases.load(device)
+        budget = decomposition.budget
+        levels = budget.fit({u: 1 - study.budget.remove for u in budget.units}, budget.target(study.budget.remove))
+        apply_s = min(_seconds(lambda: comp.apply(levels), device) for _ in range(3))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    extra = runs[1].numel() - runs[0].numel()
+    hidden, vocab = config.hidden_size, config.vocab_size
+    chunk, tokens = min(vocab, 8192), runs[0].numel()
+    h = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    w = torch.randn(chunk, hidden, dtype=dtype, device=device)
+    target = torch.randint(0, chunk, (tokens,), device=device)
+    F.cross_entropy(F.linear(h, w).float(), target)
+    head_s = _seconds(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
+    return BlockCosts(max(collect_s[1] - collect_s[0], 0) / extra, bases_s, apply_s,
+                      max(eval_s[1] - eval_s[0], 0) / extra, head_s / tokens)
+
+
+def available_host() -> float:
+    """Bytes of host memory available now (free pages plus reclaimable cache, as `free` counts them)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return float(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> Plan:
+    """The plan of `study` on `device`; `costs` skips the measurement (tests, or a plan for another machine)."""
+    meta = skeleton(study)
+    config = meta.config
+    adapter = adapter_for(meta)
+    dec = study.decompose
+    decomposition = Decomposition(adapter, dec.method, dec.modules, dec.rank_multiple)
+    dev = torch.device(device)
+    cache = float(cache_bytes(adapter, study.collect.partitions))
+    bases = float(sum(m.prepared_bytes() for m in decomposition.methods))
+    check_disk(Path(study.cache_dir), int(cache + bases), "cache (covariances and bases)")   # before measuring
+    costs = costs or measure(study, config, dev)
+    dtype = model_io.torch_dtype(study.model.dtype)
+    act = torch.finfo(dtype).bits // 8
+    params = sum(p.numel() for p in meta.parameters())
+    weights = float(params * act)
+    n, hidden = adapter.n_blocks, config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
+    roles = {r: sum(s.sequences for s in spec) * study.seq_len for r, spec in study.data.roles().items()}
+    calib, search_tok = roles.get("calibration", 0), roles.get("search", 0)
+    select_tok, batch = roles.get("selection", 0), study.evaluate.batch_size * study.seq_len
+    widest = max(adapter.record_dim(r) for r in adapter.record_names)
+    # per batch: a block's activations (MLP in float32 for the loss of precision-free statistics) and the logits
+    batch_bytes = batch * (4 * inter + 8 * hidden) * 4 + batch * config.vocab_size * 4 * 2
+    accumulators = sum(2 * adapter.record_dim(r) ** 2 * 8 for r in adapter.record_names)
+    on_gpu = dev.type == "cuda"
+
+    def place(extra: float) -> tuple[float, float]:
+        """(host, device) peaks of a stage that adds `extra` bytes beside the weights."""
+        return (0.0, weights + extra) if on_gpu else (weights + extra, 0.0)
+
+    eval_s = lambda tok: tok * (costs.eval_token * n + costs.head_token)    # noqa: E731
+    designs = len(study.search.design) + ("sensitivity" in study.search.design) * len(
+        {u.type for u in decomposition.units.values()})
+    trial_s = costs.apply_block * n + eval_s(search_tok)
+    kept = params - decomposition.budget.decomposable * study.budget.remove
+    p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
+    p.stages.append(Stage("load", weights / 200e6, weights, weights if on_gpu else 0.0,
+                          note="read the weights (at about 200 MB/s)"))
+    p.stages.append(Stage("collect", costs.collect_token * calib * n, *place(2 * calib * hidden * act + accumulators +
+                          batch_bytes), disk=cache, note=f"{calib:,} calibration tokens, hidden states of the "
+                                                          "block in hand"))
+    p.stages.append(Stage("bases", costs.bases_block * n, *place(4 * widest ** 2 * 8), disk=bases,
+                          note="per-block eigen/Cholesky work in float64"))
+    p.stages.append(Stage("search", trial_s * study.search.trials + designs * eval_s(search_tok),
+                          *place(bases + batch_bytes),
+                          note=f"{study.search.trials} trials of {trial_s:.1f} s ({search_tok:,} tokens each); "
+                               "bases held in memory"))
+    refit = costs.collect_token * calib * n * 2 if dec.refit else 0.0
+    p.stages.append(Stage("export", study.search.select_top * (trial_s - eval_s(search_tok) + eval_s(select_tok))
+                          + refit + kept * act / 200e6, *place(bases + batch_bytes), disk=kept * act,
+                          note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
+                               + (", closed-loop refit" if dec.refit else "")))
+    if study.data.train is not None:
+        ft = study.finetune
+        tokens = ft.steps * ft.batch_size * study.seq_len
+        p.stages.append(Stage("finetune", 3 * eval_s(tokens), *place(weights + batch_bytes * 3),
+                              note=f"optional (make finetune): {tokens:,} tokens, teacher included"))
+    return p
+
+
+def check(p: Plan, device: torch.device) -> None:
+    """Refuse in one line what cannot fit in memory (the disk is checked before the measurement)."""
+    host = max(s.host for s in p.stages if s.name in p.job)
+    if device.type != "cuda" and host > available_host():
+        raise BolacoError(f"the job needs {host / GB:.1f} GB of memory at its peak but {available_host() / GB:.1f} GB "
+                          "are available: use a GPU (--device cuda), model.dtype bfloat16, or a smaller "
+                          "evaluate.batch_size")
+    if device.type == "cuda":
+        free_dev = torch.cuda.mem_get_info(device)[0]
+        peak = max(s.device for s in p.stages if s.name in p.job)
+        if peak > free_dev:
+            raise BolacoError(f"the job needs {peak / GB:.1f} GB of GPU memory but {free_dev / GB:.1f} GB are free: "
+                              "set model.device_map: auto to spread it, or model.dtype bfloat16")
