@@ -1,190 +1,165 @@
-"""What a study costs at real widths: random-init LLaMA-shaped models with a few blocks at the widths of Llama-3 1B,
-8B and 70B, on whatever device is present. Per block: collect, bases, refit; per trial: apply, evaluation of a
-search split, one sampler step; memory and disk. Totals are extrapolated to the full depth of each model.
+"""Memory and time per stage at real widths, measured against `bolaco plan`: random-init LLaMA-shaped models (the
+widths of Llama-3 1B, 8B, 70B) at two depths, each stage run through bolaco's own code (collect, bases, search
+trials, refit), the peak host (and GPU) memory of each stage, and the plan's estimate of the same.
 
-    .venv/bin/python bench/scale.py [--shapes 1b 8b 70b] [--blocks 2] [--dtype bfloat16] [--device cuda]
-                                    [--calibration 128] [--seq-len 2048] [--search 32]
+    .venv/bin/python bench/scale.py [--width 1b] [--blocks 2 8] [--calibration 8] [--seq-len 256] [--search 4]
+                                    [--dtype float32] [--device cpu] [--trials 2]
 
-Timings need no trained weights; the GGUF default is not used. On a CPU use small sizes, e.g.
-    .venv/bin/python bench/scale.py --shapes tiny 1b --blocks 1 --calibration 16 --seq-len 256 --search 8 \
-        --dtype float32 --vocab 1000 --routes tiny
+Apart from the weights (and the bases the search holds, which are per block like the weights), no stage's memory may
+grow with depth: collect, bases and refit stream one block at a time. Timings need no trained weights; the real
+vocabulary is replaced by 1,024 tokens (the output layer is timed by the plan apart).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from bolaco.arch import adapter_for
-from bolaco.calibrate import cache_bytes, collect
-from bolaco.decompose.bases import build_bases, input_root, make_budget, output_basis, Compressor
+from bolaco.calibrate import collect
+from bolaco.decompose import Compressor, Decomposition, build_bases, refit
 from bolaco.evaluate.perplexity import perplexity
-from bolaco.decompose import refit
+from bolaco.plan import measure, plan, resident
+from bolaco.study import Study
 from common import print_table
 
-# (hidden, intermediate, heads, kv heads, full depth, vocab)
-SHAPES = {"tiny": (512, 1536, 8, 4, 16, 32000), "1b": (2048, 8192, 32, 8, 16, 128256),
-          "8b": (4096, 14336, 32, 8, 32, 128256), "70b": (8192, 28672, 64, 8, 80, 128256)}
+# hidden, intermediate, heads, kv heads
+WIDTHS = {"tiny": (512, 1536, 8, 4), "1b": (2048, 8192, 32, 8), "8b": (4096, 14336, 32, 8),
+          "70b": (8192, 28672, 64, 8)}
+GB = 2**30
 
 
-def build(shape: str, blocks: int, dtype: torch.dtype, vocab: int | None) -> LlamaForCausalLM:
-    hidden, inter, heads, kv, _, full_vocab = SHAPES[shape]
+def build(width: str, blocks: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    hidden, inter, heads, kv = WIDTHS[width]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                         num_key_value_heads=kv, num_hidden_layers=blocks, vocab_size=vocab or full_vocab,
+                         num_key_value_heads=kv, num_hidden_layers=blocks, vocab_size=1024,
                          max_position_embeddings=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)   # to_empty leaves buffers (inv_freq) uninitialised
+    model = LlamaForCausalLM(config).to(dtype).to(device).eval()
     with torch.no_grad():
         for p in model.parameters():   # small random weights: finite activations through the blocks
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
-    return model.eval()
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model
 
 
-def peak_gib(device: torch.device) -> float:
+def reset_peak(device: torch.device) -> None:
+    Path("/proc/self/clear_refs").write_text("5")      # resets VmHWM, the peak resident memory of this process
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def folder_gb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
+def peak(device: torch.device) -> tuple[float, float]:
+    status = Path("/proc/self/status").read_text()
+    host = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024 if "VmHWM" in status else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return host, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0.0
 
 
-def timed(fn, device):
+def stage(device, fn):
+    """(result, seconds, peak host bytes, peak device bytes) of one stage."""
+    reset_peak(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t
+    return (out, time.perf_counter() - t, *peak(device))
 
 
-def basis_routes(shape: str, device: torch.device) -> tuple[float, float]:
-    """Seconds for the Q of one gate projection: eigh of W C W^T (d_ff x d_ff) vs Cholesky + SVD of W L."""
-    hidden, inter = SHAPES[shape][:2]
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(hidden, hidden, generator=g, dtype=torch.float64)
-    c = (f @ f.T / hidden).to(device)
-    w = torch.randn(inter, hidden, generator=g, dtype=torch.float64).to(device)
-    _, eigh_s = timed(lambda: torch.linalg.eigh(w @ c @ w.T), device)
-    _, svd_s = timed(lambda: output_basis(w, c, input_root(c)), device)
-    return eigh_s, svd_s
+def study_for(model, folder: Path, args) -> Study:
+    model.config.save_pretrained(folder)       # the plan reads the configuration only
+    roles = {"calibration": [{"corpus": "wikitext2-valid", "start": 0, "sequences": args.calibration}],
+             "search": [{"corpus": "wikitext2-valid", "start": -args.search, "sequences": args.search}],
+             "selection": [{"corpus": "wikitext2-valid", "start": args.calibration, "sequences": args.search}]}
+    return Study.model_validate({"name": "scale", "model": {"path": str(folder), "dtype": args.dtype},
+                                 "seq_len": args.seq_len, "data": roles, "cache_dir": str(folder / "cache"),
+                                 "collect": {"partitions": 1, "batch_size": args.batch_size},
+                                 "evaluate": {"batch_size": args.batch_size},
+                                 "decompose": {"modules": ["mlp", "qk", "vo"]},
+                                 "search": {"trials": args.trials, "design": ["uniform"], "select_top": 1}})
+
+
+def run_depth(blocks: int, args, device: torch.device) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix=f"bolaco-scale-{blocks}-"))
+    model = build(args.width, blocks, getattr(torch, args.dtype), str(device))
+    study = study_for(model, folder, args)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 1024, (args.calibration, args.seq_len), generator=g)
+    search_ids = torch.randint(0, 1024, (args.search, args.seq_len), generator=g)
+    estimate = plan(study, str(device), measure(study, model.config, device))
+    out = {"weights": weights, "plan": estimate}
+    cov, *out["collect"] = stage(device, lambda: collect(model, calib, folder / "cache", batch_size=args.batch_size,
+                                                         progress=False, device=device))
+    decomposition = Decomposition(adapter_for(model), "feature", ("mlp", "qk", "vo"), 8)
+    bases, *out["bases"] = stage(device, lambda: build_bases(decomposition, cov, progress=False, device=device))
+    comp = Compressor(decomposition, bases)
+    budget = decomposition.budget
+    levels = budget.fit({u: 0.8 for u in budget.units}, budget.target(0.2))
+
+    def trials():
+        comp.bases.load(device)
+        for _ in range(args.trials):
+            comp.apply(levels)
+            perplexity(model, search_ids, args.batch_size, progress=False)
+    _, seconds, *memory = stage(device, trials)
+    out["search"] = [seconds / args.trials, *memory]
+    comp.restore()
+    _, *out["refit"] = stage(device, lambda: refit(comp, levels, calib, batch_size=args.batch_size, progress=False,
+                                                   device=device))
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=["1b", "8b", "70b"])
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--width", default="1b", choices=list(WIDTHS))
+    ap.add_argument("--blocks", type=int, nargs=2, default=[2, 8])
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calibration", type=int, default=128, help="calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--search", type=int, default=32, help="search-split sequences per trial")
+    ap.add_argument("--calibration", type=int, default=8, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--search", type=int, default=4, help="search-split sequences per trial")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--vocab", type=int, help="smaller vocabulary than the real one (CPU runs)")
-    ap.add_argument("--stream", action="store_true", help="keep the model in CPU memory, stream blocks to --device")
-    ap.add_argument("--cache", default=None, help="cache folder (default: a temporary folder)")
-    ap.add_argument("--routes", nargs="*", help="shapes whose two basis routes are timed (default: --shapes; a "
-                                                "d_ff x d_ff float64 eigh takes minutes on a small CPU)")
+    ap.add_argument("--trials", type=int, default=2)
     args = ap.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows, totals, routes = [], [], []
-    for shape in args.shapes:
-        depth = SHAPES[shape][4]
-        model = build(shape, args.blocks, dtype, args.vocab)
-        if not args.stream:
-            model.to(device)
-        adapter = adapter_for(model)
-        g = torch.Generator().manual_seed(1)
-        vocab = model.config.vocab_size
-        calib = torch.randint(0, vocab, (args.calibration, args.seq_len), generator=g)
-        search_ids = torch.randint(0, vocab, (args.search, args.seq_len), generator=g)
-        root = Path(args.cache or tempfile.mkdtemp(prefix=f"bolaco-scale-{shape}-"))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def forward():
-            with torch.inference_mode():
-                for i in range(0, len(calib), args.batch_size):
-                    model.model(input_ids=calib[i:i + args.batch_size].to(device), use_cache=False)
-        if not args.stream:
-            _, fwd = timed(forward, device)
-        cov, collect_s = timed(lambda: collect(model, calib, root, batch_size=args.batch_size, progress=False,
-                                               device=device), device)
-        bases, bases_s = timed(lambda: build_bases(adapter, cov, "feature", progress=False, device=device), device)
-        comp = Compressor(adapter, bases, make_budget(adapter, "feature", 8))
-        where, load_s = timed(lambda: bases.load(device, adapter.linears), device)
-        ranks = comp.budget.uniform(0.2)
-        _, apply_s = timed(lambda: comp.apply(ranks), device)
-        applies = [timed(lambda: comp.apply(ranks), device)[1] for _ in range(3)]
-        ev = perplexity(model, search_ids, args.batch_size, progress=False) if not args.stream else None
-        comp.restore()
-        _, refit_s = timed(lambda: refit(comp, ranks, calib, centred=True, batch_size=args.batch_size,
-                                              progress=False, device=device), device)
-        peak = peak_gib(device)
-        cache_gb, full_cache = folder_gb(root), cache_bytes(adapter, 1) / args.blocks * depth / 1e9
-        bases_gb = sum(folder_gb(p) for p in root.rglob("bases-*") if p.is_dir())
-        tokens = calib.numel()
-        per = lambda s: s / args.blocks   # noqa: E731
-        rows.append([shape, f"{per(collect_s):.2f}", f"{collect_s / fwd:.2f}" if not args.stream else "-",
-                     f"{per(bases_s):.2f}", f"{per(refit_s):.2f}", f"{min(applies):.3f}",
-                     f"{ev.seconds:.2f}" if ev else "-",
-                     f"{min(applies) / ev.seconds:.1%}" if ev else "-", where, f"{peak:.1f}",
-                     f"{cache_gb / args.blocks:.2f}"])
-        totals.append([shape, depth, f"{per(collect_s) * depth / 60:.1f}", f"{per(bases_s) * depth / 60:.1f}",
-                       f"{per(refit_s) * depth / 60:.1f}", f"{full_cache:.1f}",
-                       f"{bases_gb / args.blocks * depth:.1f}",
-                       f"{ev.seconds * depth / args.blocks:.1f}" if ev else "-"])
-        if shape in (args.shapes if args.routes is None else args.routes):
-            routes.append([shape, *(f"{s:.2f}" for s in basis_routes(shape, device))])
-        model = comp = bases = None   # free this shape before the next
-        if args.cache is None:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"{shape}: done ({tokens:,} calibration tokens)", flush=True)
+    device = torch.device(args.device)
+    process = resident()           # the interpreter and its libraries
+    results = {n: run_depth(n, args, device) for n in args.blocks}
+    rows = []
+    for n, r in results.items():
+        p, w = r["plan"], r["weights"]
+        for name in ("collect", "bases", "search", "refit"):
+            seconds, host, dev = r[name]
+            est_s = p.trial_seconds if name == "search" else (
+                2 * p.stage("collect").seconds if name == "refit" else p.stage(name).seconds)
+            est = p.stage("export" if name == "refit" else name)
+            rows.append([n, name + (" (per trial)" if name == "search" else ""), f"{seconds:.1f}", f"{est_s:.1f}",
+                         f"{est_s / seconds - 1:+.0%}", f"{host / GB:.2f}", f"{est.host / GB:.2f}",
+                         f"{est.host / host - 1:+.0%}", f"{(host - w) / GB:.2f}",
+                         f"{dev / GB:.2f}" if device.type == "cuda" else "-"])
     on = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print_table(f"Per block / per trial on {on}, {args.dtype}, {args.blocks} blocks, calibration {args.calibration} x "
-                f"{args.seq_len} tokens, search split {args.search} x {args.seq_len}"
-                + (", model streamed from CPU memory" if args.stream else ""),
-                ["shape", "collect s/block", "collect / plain forward", "bases s/block", "refit s/block",
-                 "apply s (20 % map)", "eval s (search split)", "apply / eval", "factors in", "peak GiB",
-                 "covariance+bases GB/block"], rows)
-    print_table("Extrapolated to the full depth (minutes, GB; an eval of the search split scales with depth too)",
-                ["shape", "blocks", "collect min", "bases min", "refit min", "covariance cache GB",
-                 "bases GB", "eval s per trial"], totals)
-    print_table("Basis of one gate projection (float64): eigh of W C W^T vs Cholesky + SVD of W L, seconds",
-                ["shape", "eigh (d_ff x d_ff)", "Cholesky + SVD (d_ff x d)"], routes)
-    print_table("One BoTorch sampler step (CPU, one thread; independent of the model's size): 42 variables",
-                ["finished trials", "cold GP fit, s", "warm-started, s"], sampler_steps())
-
-
-def sampler_steps() -> list[list]:
-    from bolaco.search.sampler import botorch_step
-    torch.set_num_threads(1)
-    out = []
-    for n in (30, 60, 100):
-        g = torch.Generator().manual_seed(n)
-        x = torch.rand(n, 42, generator=g, dtype=torch.float64)
-        y = (x - 0.3).square().sum(1) + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
-        constraint = (torch.arange(42), torch.full((42,), 1 / 42, dtype=torch.float64), 0.5)
-        (_, warm), cold = timed(lambda: botorch_step(x[:-1], y[:-1], None, constraint, 0), torch.device("cpu"))
-        _, warm_s = timed(lambda: botorch_step(x, y, None, constraint, 1, warm), torch.device("cpu"))
-        out.append([n, f"{cold:.2f}", f"{warm_s:.2f}"])
-    return out
+    print_table(f"Measured vs `bolaco plan`, {args.width} width, {args.dtype}, on {on}; calibration {args.calibration} "
+                f"x {args.seq_len} tokens, search split {args.search} x {args.seq_len}, batch {args.batch_size} "
+                "(refit: the plan's export budgets it at two collects)",
+                ["blocks", "stage", "seconds", "plan s", "plan error", "peak host GiB", "plan GiB", "plan error",
+                 "above weights GiB", "peak GPU GiB"], rows)
+    lo, hi = args.blocks
+    growth = []
+    for name in ("collect", "bases", "search", "refit"):
+        above = [results[n][name][1] - results[n]["weights"] - process for n in (lo, hi)]
+        growth.append([name, f"{above[0] / GB:.2f}", f"{above[1] / GB:.2f}", f"{above[1] / above[0] - 1:+.0%}"])
+    print_table(f"Peak host memory above the weights and the process ({process / GB:.2f} GiB) at {lo} and {hi} "
+                "blocks (target: within 10 %, apart from the "
+                "search's bases, which are per block like the weights)",
+                ["stage", f"{lo} blocks GiB", f"{hi} blocks GiB", "growth"], growth)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _study_arguments(s: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every command that runs a study file takes."""
+    s.add_argument("--study", required=True, help="study file (YAML) in studies/")
+    s.add_argument("--model", help="override the study's model (HF id, directory, .gguf file or 'default')")
+    s.add_argument("--data-dir", help="folder with the corpora that are not shipped (default ../shared/data)")
+    s.add_argument("--cache-dir", help="override the cache folder (default storage/cache)")
+    s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...); "
+                                     "or set $BOLACO_STORAGE, which keeps a password off the command line")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any study-file setting, checked like the file, e.g. --set budget.remove=0.3 "
+                        "--set search.sampler=tpe --set finetune.steps=200 (repeatable; `bolaco config` lists "
+                        "every key)")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bolaco", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     p.add_argument("--version", action="version", version=f"bolaco {__version__}")
@@ -273,19 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     def study_command(name, help_, func):
-        s = command(name, help_, func)
-        s.add_argument("--study", required=True, help="study file (YAML) in studies/")
-        s.add_argument("--model", help="override the study's model (HF id, directory, .gguf file or 'default')")
-        s.add_argument("--data-dir", help="folder with the corpora that are not shipped (default ../shared/data)")
-        s.add_argument("--cache-dir", help="override the cache folder (default storage/cache)")
-        s.add_argument("--storage", help="override the study storage URL (e.g. postgresql+psycopg://...); "
-                                         "or set $BOLACO_STORAGE, which keeps a password off the command line")
-        s.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-        s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                       help="override any study-file setting, checked like the file, e.g. --set budget.remove=0.3 "
-                            "--set search.sampler=tpe --set finetune.steps=200 (repeatable; `bolaco config` lists "
-                            "every key)")
-        return s
+        return _study_arguments(command(name, help_, func))
 
     study_command("collect", "collect pooled covariances of every decomposable linear (cached, resumable)",
                   cmd_collect)

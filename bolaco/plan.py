@@ -52,6 +52,7 @@ class Plan:
     params: int
     blocks: int
     stages: list[Stage] = field(default_factory=list)
+    trial_seconds: float = 0.0     # one search trial: apply + evaluation of the search split
     job: tuple[str, ...] = ("load", "collect", "bases", "search", "export")   # `make study && make export`
 
     @property
@@ -131,7 +132,8 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
             for k in (1, 3)]
     root = Path(tempfile.mkdtemp(prefix="bolaco-plan-"))
     try:
-        collect_s, eval_s = [], []
+        collect_s: list[float] = []
+        eval_s: list[float] = []
         for ids in runs:        # the best of two runs: the first also warms kernels and caches up
             folders = iter(root / f"{len(collect_s)}-{i}" for i in range(2))
             collect_s.append(min(_seconds(lambda: collect(model, ids, next(folders), batch_size=sequences,
@@ -161,6 +163,15 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
                       max(eval_s[1] - eval_s[0], 0) / extra, head_s / tokens)
 
 
+def resident() -> float:
+    """Bytes of host memory this process holds now."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return float(status["VmRSS"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
 def available_host() -> float:
     """Bytes of host memory available now (free pages plus reclaimable cache, as `free` counts them)."""
     try:
@@ -170,8 +181,24 @@ def available_host() -> float:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float) -> dict[str, float]:
+    """Bytes each stage holds beside the weights: the calibration hidden states (in and out of the block in hand)
+    and the float64 sums of collect; the float64 work matrices of the widest record in bases; the bases and one
+    batch's activations and float32 logits (with their log-softmax) in search, export and post-training."""
+    act = torch.finfo(model_io.torch_dtype(study.model.dtype)).bits // 8
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    batch = study.evaluate.batch_size * study.seq_len
+    batch_bytes = batch * (4 * inter + 8 * hidden) * 4 + batch * config.vocab_size * 4 * 2
+    accumulators = sum(2 * adapter.record_dim(r) ** 2 * 8 for r in adapter.record_names)
+    widest = max(adapter.record_dim(r) for r in adapter.record_names)
+    return {"collect": 2 * calib_tokens * hidden * act + accumulators + batch_bytes, "bases": 4 * widest ** 2 * 8,
+            "search": bases + batch_bytes, "finetune": 3 * batch_bytes}
+
+
 def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> Plan:
     """The plan of `study` on `device`; `costs` skips the measurement (tests, or a plan for another machine)."""
+    process = resident()         # the interpreter and its libraries, before anything of the study
     meta = skeleton(study)
     config = meta.config
     adapter = adapter_for(meta)
@@ -186,20 +213,15 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
     act = torch.finfo(dtype).bits // 8
     params = sum(p.numel() for p in meta.parameters())
     weights = float(params * act)
-    n, hidden = adapter.n_blocks, config.hidden_size
-    inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
-    roles = {r: sum(s.sequences for s in spec) * study.seq_len for r, spec in study.data.roles().items()}
-    calib, search_tok = roles.get("calibration", 0), roles.get("search", 0)
-    select_tok, batch = roles.get("selection", 0), study.evaluate.batch_size * study.seq_len
-    widest = max(adapter.record_dim(r) for r in adapter.record_names)
-    # per batch: a block's activations (MLP in float32 for the loss of precision-free statistics) and the logits
-    batch_bytes = batch * (4 * inter + 8 * hidden) * 4 + batch * config.vocab_size * 4 * 2
-    accumulators = sum(2 * adapter.record_dim(r) ** 2 * 8 for r in adapter.record_names)
+    n = adapter.n_blocks
+    roles = {r: sum(s.sequences or 0 for s in spec) * study.seq_len for r, spec in study.data.roles().items()}
+    calib, search_tok, select_tok = (roles.get(r, 0) for r in ("calibration", "search", "selection"))
+    extra = added_memory(study, adapter, config, calib, bases)
     on_gpu = dev.type == "cuda"
 
     def place(extra: float) -> tuple[float, float]:
         """(host, device) peaks of a stage that adds `extra` bytes beside the weights."""
-        return (0.0, weights + extra) if on_gpu else (weights + extra, 0.0)
+        return (process, weights + extra) if on_gpu else (process + weights + extra, 0.0)
 
     eval_s = lambda tok: tok * (costs.eval_token * n + costs.head_token)    # noqa: E731
     designs = len(study.search.design) + ("sensitivity" in study.search.design) * len(
@@ -207,26 +229,26 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
     trial_s = costs.apply_block * n + eval_s(search_tok)
     kept = params - decomposition.budget.decomposable * study.budget.remove
     p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
-    p.stages.append(Stage("load", weights / 200e6, weights, weights if on_gpu else 0.0,
+    p.trial_seconds = trial_s
+    p.stages.append(Stage("load", weights / 200e6, process + weights, weights if on_gpu else 0.0,
                           note="read the weights (at about 200 MB/s)"))
-    p.stages.append(Stage("collect", costs.collect_token * calib * n, *place(2 * calib * hidden * act + accumulators +
-                          batch_bytes), disk=cache, note=f"{calib:,} calibration tokens, hidden states of the "
-                                                          "block in hand"))
-    p.stages.append(Stage("bases", costs.bases_block * n, *place(4 * widest ** 2 * 8), disk=bases,
+    p.stages.append(Stage("collect", costs.collect_token * calib * n, *place(extra["collect"]), disk=cache,
+                          note=f"{calib:,} calibration tokens, hidden states of the block in hand"))
+    p.stages.append(Stage("bases", costs.bases_block * n, *place(extra["bases"]), disk=bases,
                           note="per-block eigen/Cholesky work in float64"))
     p.stages.append(Stage("search", trial_s * study.search.trials + designs * eval_s(search_tok),
-                          *place(bases + batch_bytes),
+                          *place(extra["search"]),
                           note=f"{study.search.trials} trials of {trial_s:.1f} s ({search_tok:,} tokens each); "
                                "bases held in memory"))
     refit = costs.collect_token * calib * n * 2 if dec.refit else 0.0
     p.stages.append(Stage("export", study.search.select_top * (trial_s - eval_s(search_tok) + eval_s(select_tok))
-                          + refit + kept * act / 200e6, *place(bases + batch_bytes), disk=kept * act,
+                          + refit + kept * act / 200e6, *place(extra["search"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
                                + (", closed-loop refit" if dec.refit else "")))
     if study.data.train is not None:
         ft = study.finetune
         tokens = ft.steps * ft.batch_size * study.seq_len
-        p.stages.append(Stage("finetune", 3 * eval_s(tokens), *place(weights + batch_bytes * 3),
+        p.stages.append(Stage("finetune", 3 * eval_s(tokens), *place(weights + extra["finetune"]),
                               note=f"optional (make finetune): {tokens:,} tokens, teacher included"))
     return p
 

@@ -116,12 +116,30 @@ def eval_columns(study: Study, out_root: Path = Path("out")) -> dict[str, dict]:
     return columns
 
 
+def _surgical_section(study: Study, decomposition: Decomposition, out: Path) -> list[str]:
+    """The surgical search's allocation, when the study store holds one."""
+    from .search import allocation_heatmap, open_storage
+    from .search.surgical import accepted_ranks
+    budget = decomposition.budget
+    surgical = f"{study.name}-surgical-{study.surgical.metric}"
+    storage = open_storage(study.storage, create=False)
+    if surgical not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+        return []
+    probes = _complete(optuna.load_study(study_name=surgical, storage=storage))
+    ranks = accepted_ranks(probes)
+    (out / "surgical.png").write_bytes(allocation_heatmap(
+        budget, ranks, decomposition.unit_types, decomposition.adapter.n_blocks, f"{surgical}: share of parameters "
+        "kept"))
+    return ["## Surgical search", "", f"{surgical}: {len(probes)} evaluation(s), {len(ranks)} module(s) compressed, "
+            f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
+            "![surgical allocation](surgical.png)", ""]
+
+
 def build(study: Study, decomposition: Decomposition, out_dir: str | Path, compare: Sequence[Study] = (),
           out_root: Path = Path("out")) -> Path:
     """Write report.md and its PNGs into out_dir; returns the Markdown file."""
     from .evaluate import markdown_table
-    from .search import TrialRecord, allocation_heatmap, masked_url, open_storage
-    from .search.surgical import accepted_ranks
+    from .search import TrialRecord, allocation_heatmap, masked_url
     budget, types, n_blocks = decomposition.budget, decomposition.unit_types, decomposition.adapter.n_blocks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,16 +178,7 @@ def build(study: Study, decomposition: Decomposition, out_dir: str | Path, compa
             md += ["## Perplexity vs parameters kept", "", "![search perplexity vs parameters kept](budgets.png)", ""]
     else:
         md += ["No finished BO trials in the study store yet: run `make study`.", ""]
-    surgical = f"{study.name}-surgical-{study.surgical.metric}"
-    storage = open_storage(study.storage, create=False)
-    if surgical in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
-        probes = _complete(optuna.load_study(study_name=surgical, storage=storage))
-        ranks = accepted_ranks(probes)
-        (out / "surgical.png").write_bytes(allocation_heatmap(
-            budget, ranks, types, n_blocks, f"{surgical}: share of parameters kept"))
-        md += ["## Surgical search", "", f"{surgical}: {len(probes)} evaluation(s), {len(ranks)} module(s) compressed, "
-               f"{1 - budget.params(ranks) / budget.decomposable:.2%} removed.", "",
-               "![surgical allocation](surgical.png)", ""]
+    md += _surgical_section(study, decomposition, out)
     columns = eval_columns(study, out_root)
     md += ["## Evaluation", ""]
     md += [markdown_table(columns), ""] if columns else \

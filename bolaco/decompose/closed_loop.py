@@ -267,6 +267,26 @@ def _read_block(store: BlockStore, b: int, run: _Refit) -> dict[str, nn.Module]:
     return out
 
 
+def _block_layers(run: _Refit, store: BlockStore | None, block, b: int, compressed: list[Stream],
+                  dense: list[Stream], dense_in: dict[str, list[torch.Tensor]], open_loop: dict[str, nn.Module],
+                  guard: bool) -> dict[str, nn.Module]:
+    """Block b's refitted layers, installed: read from the cache, or fitted and checked on the held-out stream
+    (`guard`); {} when the open-loop layers stay."""
+    if store is not None and store.has(b):
+        fitted = _read_block(store, b, run)
+        for lid, module in fitted.items():
+            run.comp.install(lid, module)
+        return fitted
+    fitted = run.fit_block(block, b, compressed[0], dense_in)
+    if fitted and guard and run.worse_than_open_loop(block, b, compressed[1], dense[1].outputs, fitted, open_loop):
+        for lid in fitted:
+            run.comp.install(lid, open_loop[lid])
+        fitted = {}
+    if store is not None:
+        store.write(b, {f"{lid.split('.')[1]}.{k}": v for lid, m in fitted.items() for k, v in _state(m).items()})
+    return fitted
+
+
 def refit(comp, levels: LevelMap, calibration: torch.Tensor, ridge: float = 0.1, batch_size: int = 8,
           cache_root: str | Path | None = None, device: str | torch.device | None = None,
           progress: bool = True, holdout: int = HOLDOUT) -> dict[str, nn.Module]:
@@ -304,20 +324,8 @@ def refit(comp, levels: LevelMap, calibration: torch.Tensor, ridge: float = 0.1,
                     dense_in = run.dense_inputs(block, b, dense[0])
                     dense[1].outputs = dense[1].run(block, b)
                     open_loop = run.install_open_loop(b)
-                    if store is not None and store.has(b):
-                        fitted = _read_block(store, b, run)
-                        for lid, module in fitted.items():
-                            comp.install(lid, module)
-                    else:
-                        fitted = run.fit_block(block, b, compressed[0], dense_in)
-                        if fitted and held_batches and run.worse_than_open_loop(
-                                block, b, compressed[1], dense[1].outputs, fitted, open_loop):
-                            for lid in fitted:
-                                comp.install(lid, open_loop[lid])
-                            fitted = {}
-                        if store is not None:
-                            store.write(b, {f"{lid.split('.')[1]}.{k}": v for lid, m in fitted.items()
-                                            for k, v in _state(m).items()})
+                    fitted = _block_layers(run, store, block, b, compressed, dense, dense_in, open_loop,
+                                           bool(held_batches))
                     refitted.update(fitted)
                     kept_open += any(lid in run.targets for lid in open_loop) and not fitted
                     changed |= bool(open_loop)

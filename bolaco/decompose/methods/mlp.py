@@ -57,7 +57,9 @@ class NeuronMLP(Method):
         n = cov.shape[0]
         eye = torch.eye(n, dtype=torch.float64, device=device)
         scale = float(cov.diagonal().mean().clamp(min=1e-30))
-        leverage = torch.linalg.inv(cov + LEVERAGE_RIDGE * scale * eye).diagonal()
+        # diag((C + lam I)^-1) = column sums of squares of L^-1, with C + lam I = L L^T (half the work of an inverse)
+        ridged = torch.linalg.cholesky(cov + LEVERAGE_RIDGE * scale * eye)
+        leverage = torch.linalg.solve_triangular(ridged, eye, upper=False).square().sum(0)
         order = leverage.argsort()
         chol = _cholesky(cov[order][:, order], scale)
         chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
