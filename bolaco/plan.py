@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from . import model as model_io
 from .arch import adapter_for
 from .calibrate import cache_bytes, check_disk, collect
-from .decompose import Compressor, Decomposition, build_bases
+from .decompose import Compressor, Decomposition, build_bases, refit
 from .errors import BolacoError
 from .evaluate.perplexity import perplexity
 from .study import Study
@@ -53,6 +53,7 @@ class Plan:
     blocks: int
     stages: list[Stage] = field(default_factory=list)
     trial_seconds: float = 0.0     # one search trial: apply + evaluation of the search split
+    refit_seconds: float = 0.0     # one closed-loop refit of a level map (0 when the study does not refit)
     job: tuple[str, ...] = ("load", "collect", "bases", "search", "export")   # `make study && make export`
 
     @property
@@ -114,18 +115,35 @@ def _seconds(fn, device: torch.device) -> float:
 
 @dataclass
 class BlockCosts:
-    """Measured on the one-block model: seconds per calibration token and per evaluated token of one block,
-    seconds per block for bases and apply, seconds per token of the real output layer."""
+    """Measured on the one-block model: seconds per calibration token of one block and per block (files, set-up)
+    for collect and refit, seconds per evaluated token of one block, seconds per block for bases and apply,
+    seconds per token of the real output layer."""
     collect_token: float
+    collect_block: float
     bases_block: float
     apply_block: float
     eval_token: float
     head_token: float
+    refit_token: float = 0.0
+    refit_block: float = 0.0
+
+    def collect(self, tokens: int, blocks: int) -> float:
+        return blocks * (self.collect_block + self.collect_token * tokens)
+
+    def refit(self, tokens: int, blocks: int) -> float:
+        return blocks * (self.refit_block + self.refit_token * tokens)
+
+
+def _line(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
+    """(seconds per token, fixed seconds) through two runs of `tokens`; neither below zero."""
+    slope = max(seconds[1] - seconds[0], 0.0) / (tokens[1] - tokens[0])
+    return slope, max(seconds[0] - slope * tokens[0], 0.0)
 
 
 def measure(study: Study, config, device: torch.device, sequences: int = 2) -> BlockCosts:
     """Per-token costs are slopes between runs on `sequences` and 3 x `sequences` calibration sequences, so the
-    fixed costs of a run (fingerprint, files, kernel start-up) do not pass for per-token costs."""
+    fixed costs of a run (files, fingerprints, set-up) do not pass for per-token costs; they are counted per block
+    (the scale bench found collect's files and the refit's solves to be most of the time at 1 B width)."""
     dtype = model_io.torch_dtype(study.model.dtype)
     model = _one_block(config, dtype, device)
     runs = [torch.randint(0, 1024, (k * sequences, study.seq_len), generator=torch.Generator().manual_seed(k))
@@ -149,18 +167,24 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
         budget = decomposition.budget
         levels = budget.fit({u: 1 - study.budget.remove for u in budget.units}, budget.target(study.budget.remove))
         apply_s = min(_seconds(lambda: comp.apply(levels), device) for _ in range(3))
+        comp.restore()
+        refit_s = [min(_seconds(lambda: refit(comp, levels, ids, batch_size=sequences, progress=False,
+                                              device=device, holdout=0), device) for _ in range(2 if k == 0 else 1))
+                   for k, ids in enumerate(runs)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    extra = runs[1].numel() - runs[0].numel()
+    tokens = [r.numel() for r in runs]
     hidden, vocab = config.hidden_size, config.vocab_size
-    chunk, tokens = min(vocab, 8192), runs[0].numel()
-    h = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    chunk = min(vocab, 8192)
+    h = torch.randn(tokens[0], hidden, dtype=dtype, device=device)
     w = torch.randn(chunk, hidden, dtype=dtype, device=device)
-    target = torch.randint(0, chunk, (tokens,), device=device)
+    target = torch.randint(0, chunk, (tokens[0],), device=device)
     F.cross_entropy(F.linear(h, w).float(), target)
     head_s = _seconds(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
-    return BlockCosts(max(collect_s[1] - collect_s[0], 0) / extra, bases_s, apply_s,
-                      max(eval_s[1] - eval_s[0], 0) / extra, head_s / tokens)
+    collect_token, collect_block = _line(collect_s, tokens)
+    refit_token, refit_block = _line(refit_s, tokens)
+    return BlockCosts(collect_token, collect_block, bases_s, apply_s, _line(eval_s, tokens)[0], head_s / tokens[0],
+                      refit_token, refit_block)
 
 
 def resident() -> float:
@@ -232,7 +256,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
     p.trial_seconds = trial_s
     p.stages.append(Stage("load", weights / 200e6, process + weights, weights if on_gpu else 0.0,
                           note="read the weights (at about 200 MB/s)"))
-    p.stages.append(Stage("collect", costs.collect_token * calib * n, *place(extra["collect"]), disk=cache,
+    p.stages.append(Stage("collect", costs.collect(calib, n), *place(extra["collect"]), disk=cache,
                           note=f"{calib:,} calibration tokens, hidden states of the block in hand"))
     p.stages.append(Stage("bases", costs.bases_block * n, *place(extra["bases"]), disk=bases,
                           note="per-block eigen/Cholesky work in float64"))
@@ -240,9 +264,11 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
                           *place(extra["search"]),
                           note=f"{study.search.trials} trials of {trial_s:.1f} s ({search_tok:,} tokens each); "
                                "bases held in memory"))
-    refit = costs.collect_token * calib * n * 2 if dec.refit else 0.0
-    p.stages.append(Stage("export", study.search.select_top * (trial_s - eval_s(search_tok) + eval_s(select_tok))
-                          + refit + kept * act / 200e6, *place(extra["search"]), disk=kept * act,
+    # selection measures the best few open-loop and, when the study refits, refitted (the winner's refit is cached)
+    p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
+    candidate = costs.apply_block * n + eval_s(select_tok)
+    p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
+                          + kept * act / 200e6, *place(extra["search"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
                                + (", closed-loop refit" if dec.refit else "")))
     if study.data.train is not None:

@@ -36,7 +36,7 @@ def test_plan_predicts_the_caches_on_disk_and_every_stage(tmp_path, tokenizer, c
     assert not (tmp_path / "cache3").exists()           # planning does no work
     assert main(["compress", *s]) == 0                  # collect and bases, then a uniform export
     from bolaco.study import load_study
-    p = plan_module.plan(load_study(s[1]), costs=plan_module.BlockCosts(0, 0, 0, 0, 0))
+    p = plan_module.plan(load_study(s[1]), costs=plan_module.BlockCosts(0, 0, 0, 0, 0, 0))
     cov = next((tmp_path / "cache3").rglob("covariance"))
     # the safetensors files hold the tensors the plan counts, plus their small JSON headers
     assert 0 < p.stage("collect").disk <= _size(cov) <= p.stage("collect").disk * 1.1
@@ -46,7 +46,7 @@ def test_plan_predicts_the_caches_on_disk_and_every_stage(tmp_path, tokenizer, c
 
 def test_memory_apart_from_weights_does_not_grow_with_depth(tmp_path, tokenizer):
     from bolaco.study import load_study
-    costs = plan_module.BlockCosts(1e-4, 1.0, 0.01, 1e-4, 1e-3)
+    costs = plan_module.BlockCosts(1e-4, 0.5, 1.0, 0.01, 1e-4, 1e-3, 2e-4, 0.7)
     shallow, deep = (plan_module.plan(load_study(_study(tmp_path, tokenizer, n)[1]), costs=costs) for n in (2, 6))
     for stage in ("collect", "bases"):
         assert deep.stage(stage).host - deep.stage("load").host == \
