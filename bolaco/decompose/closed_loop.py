@@ -293,7 +293,8 @@ def refit(comp, levels: LevelMap, calibration: torch.Tensor, ridge: float = 0.1,
     """Refitted layers {linear id: module} for `levels`, fitted on `calibration` (N, seq_len); apply them with
     `comp.apply(levels, refitted)`. Every `holdout`-th sequence is held out (when N >= 2 x holdout; 0: none): a
     block whose refitted output is further from the dense block's on those sequences than its open-loop output
-    keeps its open-loop layers (they are absent from the result). The model is dense again on return. With
+    keeps its open-loop layers (they are absent from the result). Each block is dense again once the streams are
+    past it, so the model is dense on return. With
     `cache_root`, finished blocks are cached and a rerun resumes."""
     adapter: Adapter = comp.adapter
     model = adapter.model
@@ -332,6 +333,8 @@ def refit(comp, levels: LevelMap, calibration: torch.Tensor, ridge: float = 0.1,
                     for s, d in zip(compressed, dense):
                         s.hidden = s.run(block, b) if changed else list(d.outputs)
                         d.hidden = d.outputs
+                    for lid in open_loop:    # the streams are past block b: dense again, so that memory holds
+                        comp.install(lid, comp.dense(lid))   # one block's open-loop layers besides the result
                 bar.update(1)
                 bar.set_postfix(open_loop=kept_open)
         finally:
