@@ -174,17 +174,41 @@ class NarrowLinear(nn.Linear):
         return narrow
 
 
-class RowsLinear(nn.Module):
-    """y[..., index] = linear(x), zero elsewhere: `out_features` wide, `linear` computing len(index) of them."""
+class _KeptLinear(nn.Module):
+    """A plain `linear` over the kept rows or columns (`index`) of a dense layer of width `kept_width`, an
+    attribute named by the subclass; peft targets `linear`."""
 
     index: torch.Tensor
+    kept_width = "out_features"
+
+    def _setup(self, linear: nn.Linear, index: torch.Tensor, width: int, dense_bias: bool) -> None:
+        self.linear, self.dense_bias = linear, dense_bias
+        setattr(self, self.kept_width, width)
+        self.register_buffer("index", index)
+
+    @classmethod
+    def _wrap(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, width: int,
+              dense_bias: bool):
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m._setup(wrap_linear(weight, bias), index.to(weight.device, torch.long), width, dense_bias)
+        return m
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={self.index.numel()}; "
+                "peft: target its child '<name>.linear', or 'all-linear'")
+
+
+class RowsLinear(_KeptLinear):
+    """y[..., index] = linear(x), zero elsewhere: `out_features` wide, `linear` computing len(index) of them."""
+
+    out_features: int
 
     def __init__(self, in_features: int, rows: int, out_features: int, bias: bool, dense_bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        self.out_features, self.dense_bias = out_features, dense_bias
-        self.linear = nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("index", torch.arange(rows, device=device))
+        self._setup(nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype),
+                    torch.arange(rows, device=device), out_features, dense_bias)
 
     @property
     def in_features(self) -> int:
@@ -193,33 +217,24 @@ class RowsLinear(nn.Module):
     @classmethod
     def from_rows(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
                   out_features: int, dense_bias: bool) -> "RowsLinear":
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.out_features, m.dense_bias = out_features, dense_bias
-        m.linear = wrap_linear(weight, bias)
-        m.register_buffer("index", index.to(weight.device, torch.long))
-        return m
+        return cls._wrap(weight, bias, index, out_features, dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         return y.new_zeros(*y.shape[:-1], self.out_features).index_copy(-1, self.index, y)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={self.index.numel()}; "
-                "peft: target its child '<name>.linear', or 'all-linear'")
 
-
-class ColumnsLinear(nn.Module):
+class ColumnsLinear(_KeptLinear):
     """y = linear(x[..., index]): reads len(index) of its `in_features` inputs."""
 
-    index: torch.Tensor
+    in_features: int
+    kept_width = "in_features"
 
     def __init__(self, in_features: int, columns: int, out_features: int, bias: bool, dense_bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        self.in_features, self.dense_bias = in_features, dense_bias
-        self.linear = nn.Linear(columns, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("index", torch.arange(columns, device=device))
+        self._setup(nn.Linear(columns, out_features, bias=bias, device=device, dtype=dtype),
+                    torch.arange(columns, device=device), in_features, dense_bias)
 
     @property
     def out_features(self) -> int:
@@ -228,19 +243,10 @@ class ColumnsLinear(nn.Module):
     @classmethod
     def from_columns(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
                      in_features: int, dense_bias: bool) -> "ColumnsLinear":
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.dense_bias = in_features, dense_bias
-        m.linear = wrap_linear(weight, bias)
-        m.register_buffer("index", index.to(weight.device, torch.long))
-        return m
+        return cls._wrap(weight, bias, index, in_features, dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.index_select(-1, self.index))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, read={self.index.numel()}; "
-                "peft: target its child '<name>.linear', or 'all-linear'")
 
 
 def build_layer(spec: dict, device=None, dtype=None) -> nn.Module:
