@@ -175,11 +175,19 @@ class NarrowLinear(nn.Linear):
 
 
 class _KeptLinear(nn.Module):
-    """A plain `linear` over the kept rows or columns (`index`) of a dense layer of width `kept_width`, an
-    attribute named by the subclass; peft targets `linear`."""
+    """A plain `linear` over the kept rows (RowsLinear) or columns (ColumnsLinear), `index`, of a dense layer;
+    the dense width stays an attribute (`kept_width` names it); peft targets `linear`."""
 
     index: torch.Tensor
     kept_width = "out_features"
+
+    def __init__(self, in_features: int, kept: int, out_features: int, bias: bool, dense_bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        rows = self.kept_width == "out_features"
+        shape = (in_features, kept) if rows else (kept, out_features)
+        self._setup(nn.Linear(*shape, bias=bias, device=device, dtype=dtype), torch.arange(kept, device=device),
+                    out_features if rows else in_features, dense_bias)
 
     def _setup(self, linear: nn.Linear, index: torch.Tensor, width: int, dense_bias: bool) -> None:
         self.linear, self.dense_bias = linear, dense_bias
@@ -187,8 +195,9 @@ class _KeptLinear(nn.Module):
         self.register_buffer("index", index)
 
     @classmethod
-    def _wrap(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, width: int,
-              dense_bias: bool):
+    def wrap(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, width: int,
+             dense_bias: bool):
+        """The layer over `weight` (and `bias`) as they are, no copy; `width`: the dense layer's kept_width."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m._setup(wrap_linear(weight, bias), index.to(weight.device, torch.long), width, dense_bias)
@@ -204,20 +213,9 @@ class RowsLinear(_KeptLinear):
 
     out_features: int
 
-    def __init__(self, in_features: int, rows: int, out_features: int, bias: bool, dense_bias: bool = False,
-                 device=None, dtype=None):
-        super().__init__()
-        self._setup(nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype),
-                    torch.arange(rows, device=device), out_features, dense_bias)
-
     @property
     def in_features(self) -> int:
         return self.linear.in_features
-
-    @classmethod
-    def from_rows(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
-                  out_features: int, dense_bias: bool) -> "RowsLinear":
-        return cls._wrap(weight, bias, index, out_features, dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
@@ -230,20 +228,9 @@ class ColumnsLinear(_KeptLinear):
     in_features: int
     kept_width = "in_features"
 
-    def __init__(self, in_features: int, columns: int, out_features: int, bias: bool, dense_bias: bool = False,
-                 device=None, dtype=None):
-        super().__init__()
-        self._setup(nn.Linear(columns, out_features, bias=bias, device=device, dtype=dtype),
-                    torch.arange(columns, device=device), in_features, dense_bias)
-
     @property
     def out_features(self) -> int:
         return self.linear.out_features
-
-    @classmethod
-    def from_columns(cls, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
-                     in_features: int, dense_bias: bool) -> "ColumnsLinear":
-        return cls._wrap(weight, bias, index, in_features, dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.index_select(-1, self.index))

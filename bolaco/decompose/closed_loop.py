@@ -138,7 +138,7 @@ def fitted_module(module: nn.Module, dense: nn.Linear, stats: PairStats, centred
         return LowRankLinear.from_factors(fitted(f, "down"), fitted(f, "up"), bias(f), module.dense_bias)
     if isinstance(module, ColumnsLinear):
         f = fit_linear(dense.weight, dense.bias, stats, None, centred, ridge, prior=module.linear.weight.detach())
-        return ColumnsLinear.from_columns(fitted(f, "weight"), bias(f), module.index, module.in_features,
+        return ColumnsLinear.wrap(fitted(f, "weight"), bias(f), module.index, module.in_features,
                                           module.dense_bias)
     if isinstance(module, NarrowLinear):
         f = fit_linear(dense.weight, dense.bias, stats, None, centred, ridge, prior=module.weight.detach())

@@ -106,7 +106,7 @@ class HeadDimsQK(_Heads):
             layer = dense(li.id)
             rows = self._head_rows(n, kept, group_of).to(layer.weight.device)
             bias = layer.bias.detach()[rows] if layer.bias is not None else None
-            out[li.id] = RowsLinear.from_rows(layer.weight.detach()[rows], bias, rows, li.d_out, li.bias)
+            out[li.id] = RowsLinear.wrap(layer.weight.detach()[rows], bias, rows, li.d_out, li.bias)
         return out
 
 
@@ -168,11 +168,11 @@ class HeadRankVO(_Heads):
         kept = torch.arange(level, device=device).expand(heads.n_kv, level)
         v_rows = self._head_rows(heads.n_kv, kept, lambda g: g)
         v_bias = p["v_bias"][v_rows].to(dtype) if "v_bias" in p else None
-        v = RowsLinear.from_rows(p["v"][v_rows].to(dtype), v_bias, v_rows, v_li.d_out, v_li.bias)
+        v = RowsLinear.wrap(p["v"][v_rows].to(dtype), v_bias, v_rows, v_li.d_out, v_li.bias)
         o_cols = self._head_rows(heads.n_heads, kept, lambda h: h // heads.per_group)
         weight = p["o"][:, o_cols]
         bias = p["base"] - weight.double() @ p["coords"][:, :level].reshape(-1)
-        o = ColumnsLinear.from_columns(weight.to(dtype), bias.to(dtype), o_cols, o_li.d_in, o_li.bias)
+        o = ColumnsLinear.wrap(weight.to(dtype), bias.to(dtype), o_cols, o_li.d_in, o_li.bias)
         return {v_li.id: v, o_li.id: o}
 
     def refit_targets(self, unit):
