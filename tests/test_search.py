@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -72,6 +73,9 @@ def test_every_trial_meets_the_budget_trial_0_is_uniform_and_rerun_resumes(tmp_p
     ranks, best = search.best_levels(ws.study)
     assert best.value == min(t.value for t in more.trials) and ranks == best.levels
     assert search.summary(more)["proposals"] == {"uniform": 1, "startup": 2, "model": 5}
+    # Optuna's own plots read the study as users open it (plotly is a dependency)
+    history = optuna.visualization.plot_optimization_history(more)
+    assert sorted(history.data[0].y) == sorted(t.value for t in more.get_trials(states=(TrialState.COMPLETE,)))
 
 
 def test_a_resume_in_the_middle_of_start_up_draws_new_points(tmp_path):
