@@ -13,8 +13,6 @@ vocabulary is replaced by 1,024 tokens (the output layer is timed by the plan ap
 from __future__ import annotations
 
 import argparse
-import re
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,8 @@ from bolaco.arch import adapter_for
 from bolaco.calibrate import collect
 from bolaco.decompose import Compressor, Decomposition, build_bases, refit
 from bolaco.evaluate.perplexity import perplexity
-from bolaco.plan import measure, plan, resident
+from bolaco.layers import ColumnsLinear, LowRankLinear, NarrowLinear, RowsLinear
+from bolaco.plan import measure, peak, plan, reset_peak, resident
 from bolaco.study import Study
 from common import print_table
 
@@ -49,17 +48,11 @@ def build(width: str, blocks: int, dtype: torch.dtype, device: str) -> LlamaForC
     return model
 
 
-def reset_peak(device: torch.device) -> None:
-    Path("/proc/self/clear_refs").write_text("5")      # resets VmHWM, the peak resident memory of this process
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+COMPRESSED = (LowRankLinear, RowsLinear, ColumnsLinear, NarrowLinear)    # the layers a trial's map installs
 
 
-def peak(device: torch.device) -> tuple[float, float]:
-    status = Path("/proc/self/status").read_text()
-    host = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024 if "VmHWM" in status else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return host, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0.0
+def tensor_bytes(modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
 def stage(device, fn):
@@ -87,7 +80,7 @@ def study_for(model, folder: Path, args) -> Study:
                                  "search": {"trials": args.trials, "design": ["uniform"], "select_top": 1}})
 
 
-def run_depth(blocks: int, args, device: torch.device) -> dict:
+def run_depth(blocks: int, args, device: torch.device, process: float) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"bolaco-scale-{blocks}-"))
     model = build(args.width, blocks, getattr(torch, args.dtype), str(device))
     study = study_for(model, folder, args)
@@ -95,7 +88,7 @@ def run_depth(blocks: int, args, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 1024, (args.calibration, args.seq_len), generator=g)
     search_ids = torch.randint(0, 1024, (args.search, args.seq_len), generator=g)
-    estimate = plan(study, str(device), measure(study, model.config, device))
+    estimate = plan(study, str(device), measure(study, model.config, device), process=process)
     out = {"weights": weights, "plan": estimate, "result": {"collect": 0, "bases": 0}}
     cov, *out["collect"] = stage(device, lambda: collect(model, calib, folder / "cache", batch_size=args.batch_size,
                                                          progress=False, device=device))
@@ -112,12 +105,12 @@ def run_depth(blocks: int, args, device: torch.device) -> dict:
             perplexity(model, search_ids, args.batch_size, progress=False)
     _, seconds, *memory = stage(device, trials)
     out["search"] = [seconds / args.trials, *memory]
-    out["result"]["search"] = sum(m.prepared_bytes() for m in decomposition.methods)     # the bases held
+    held = sum(m.prepared_bytes() for m in decomposition.methods)          # the bases, loaded for the trials
+    out["result"]["search"] = held + tensor_bytes(m for m in model.modules() if isinstance(m, COMPRESSED))
     comp.restore()
     refitted, *out["refit"] = stage(device, lambda: refit(comp, levels, calib, batch_size=args.batch_size,
                                                           progress=False, device=device))
-    out["result"]["refit"] = sum(t.numel() * t.element_size() for m in refitted.values()
-                                 for t in m.state_dict().values())               # the refitted layers returned
+    out["result"]["refit"] = held + tensor_bytes(refitted.values())       # the bases still loaded, the layers returned
     return out
 
 
@@ -135,7 +128,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     process = resident()           # the interpreter and its libraries
-    results = {n: run_depth(n, args, device) for n in args.blocks}
+    results = {n: run_depth(n, args, device, process) for n in args.blocks}
     rows = []
     for n, r in results.items():
         p, w = r["plan"], r["weights"]
@@ -161,8 +154,8 @@ def main():
         growth.append([name, *(f"{a / GB:.2f}" for a in above), f"{above[1] / above[0] - 1:+.0%}",
                        *(f"{w / GB:.2f}" for w in work), f"{work[1] / work[0] - 1:+.0%}"])
     print_table(f"Peak host memory above the weights and the process ({process / GB:.2f} GiB) at {lo} and {hi} "
-                "blocks; then less what the stage returns (the search's bases, the refitted layers: per block, like "
-                "the weights). Target: the working memory within 10 %",
+                "blocks; then less what grows with depth like the weights: the bases a trial slices, the layers of "
+                "the applied map, the refitted layers. Target: the working memory within 10 %",
                 ["stage", f"{lo} blocks GiB", f"{hi} blocks GiB", "growth", f"{lo} blocks working GiB",
                  f"{hi} blocks working GiB", "growth"], growth)
 

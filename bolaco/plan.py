@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -126,6 +127,9 @@ class BlockCosts:
     head_token: float
     refit_token: float = 0.0
     refit_block: float = 0.0
+    bases_bytes: float = 0.0        # measured peak the bases of one block add (0: the formula of added_memory)
+    refit_bytes: float = 0.0        # measured peak a refit adds: fixed part (the block's solves) ...
+    refit_token_bytes: float = 0.0  # ... and per calibration token (the streams and the records' inputs)
 
     def collect(self, tokens: int, blocks: int) -> float:
         return blocks * (self.collect_block + self.collect_token * tokens)
@@ -162,15 +166,18 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
         dec = study.decompose
         decomposition = Decomposition(adapter_for(model), dec.method, dec.modules, dec.rank_multiple)
         bases_s = _seconds(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
+        bases_bytes = _added_peak(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
         comp = Compressor(decomposition, build_bases(decomposition, cov, progress=False, device=device))
         comp.bases.load(device)
         budget = decomposition.budget
         levels = budget.fit({u: 1 - study.budget.remove for u in budget.units}, budget.target(study.budget.remove))
         apply_s = min(_seconds(lambda: comp.apply(levels), device) for _ in range(3))
         comp.restore()
-        refit_s = [min(_seconds(lambda: refit(comp, levels, ids, batch_size=sequences, progress=False,
-                                              device=device, holdout=0), device) for _ in range(2 if k == 0 else 1))
+        run_refit = lambda ids: refit(comp, levels, ids, batch_size=sequences, progress=False,  # noqa: E731
+                                      device=device, holdout=0)
+        refit_s = [min(_seconds(lambda: run_refit(ids), device) for _ in range(2 if k == 0 else 1))
                    for k, ids in enumerate(runs)]
+        refit_peak = [_added_peak(lambda: run_refit(ids), device) for ids in runs]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     tokens = [r.numel() for r in runs]
@@ -183,8 +190,38 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     head_s = _seconds(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
     collect_token, collect_block = _line(collect_s, tokens)
     refit_token, refit_block = _line(refit_s, tokens)
+    refit_token_bytes, refit_bytes = _line(refit_peak, tokens)
     return BlockCosts(collect_token, collect_block, bases_s, apply_s, _line(eval_s, tokens)[0], head_s / tokens[0],
-                      refit_token, refit_block)
+                      refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak: this process's VmHWM (Linux; elsewhere the peak since start stays) and the device's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: torch.device) -> tuple[float, float]:
+    """(peak host bytes of this process since reset_peak, peak device bytes)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        host = float(status["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        host = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return host, float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
+
+
+def _added_peak(fn, device: torch.device) -> float:
+    """Bytes `fn` adds at its peak on the execution device (host memory on a CPU)."""
+    before = float(torch.cuda.memory_allocated(device)) if device.type == "cuda" else resident()
+    reset_peak(device)
+    fn()
+    host, dev = peak(device)
+    return max((dev if device.type == "cuda" else host) - before, 0.0)
 
 
 def resident() -> float:
@@ -205,10 +242,12 @@ def available_host() -> float:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float) -> dict[str, float]:
+def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float,
+                 costs: BlockCosts) -> dict[str, float]:
     """Bytes each stage holds beside the weights: the calibration hidden states (in and out of the block in hand)
-    and the float64 sums of collect; the float64 work matrices of the widest record in bases; the bases and one
-    batch's activations and float32 logits (with their log-softmax) in search, export and post-training."""
+    and the float64 sums of collect; the work of one block's bases (measured, or four float64 matrices of the
+    widest record); the bases and one batch's activations and float32 logits (with their log-softmax) in search
+    and export, and in export the refit's work (measured on one block, per calibration token and fixed)."""
     act = torch.finfo(model_io.torch_dtype(study.model.dtype)).bits // 8
     hidden = config.hidden_size
     inter = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -216,13 +255,16 @@ def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float)
     batch_bytes = batch * (4 * inter + 8 * hidden) * 4 + batch * config.vocab_size * 4 * 2
     accumulators = sum(2 * adapter.record_dim(r) ** 2 * 8 for r in adapter.record_names)
     widest = max(adapter.record_dim(r) for r in adapter.record_names)
-    return {"collect": 2 * calib_tokens * hidden * act + accumulators + batch_bytes, "bases": 4 * widest ** 2 * 8,
-            "search": bases + batch_bytes, "finetune": 3 * batch_bytes}
+    refit = costs.refit_bytes + costs.refit_token_bytes * calib_tokens if study.decompose.refit else 0.0
+    return {"collect": 2 * calib_tokens * hidden * act + accumulators + batch_bytes,
+            "bases": costs.bases_bytes or 4 * widest ** 2 * 8, "search": bases + batch_bytes,
+            "export": bases + max(batch_bytes, refit), "finetune": 3 * batch_bytes}
 
 
-def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> Plan:
-    """The plan of `study` on `device`; `costs` skips the measurement (tests, or a plan for another machine)."""
-    process = resident()         # the interpreter and its libraries, before anything of the study
+def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, process: float | None = None) -> Plan:
+    """The plan of `study` on `device`; `costs` skips the measurement (tests, or a plan for another machine);
+    `process`: the bytes of the interpreter and its libraries (default: what this process holds now)."""
+    process = resident() if process is None else process
     meta = skeleton(study)
     config = meta.config
     adapter = adapter_for(meta)
@@ -240,7 +282,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
     n = adapter.n_blocks
     roles = {r: sum(s.sequences or 0 for s in spec) * study.seq_len for r, spec in study.data.roles().items()}
     calib, search_tok, select_tok = (roles.get(r, 0) for r in ("calibration", "search", "selection"))
-    extra = added_memory(study, adapter, config, calib, bases)
+    extra = added_memory(study, adapter, config, calib, bases, costs)
     on_gpu = dev.type == "cuda"
 
     def place(extra: float) -> tuple[float, float]:
@@ -268,7 +310,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None) -> 
     p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
     candidate = costs.apply_block * n + eval_s(select_tok)
     p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
-                          + kept * act / 200e6, *place(extra["search"]), disk=kept * act,
+                          + kept * act / 200e6, *place(extra["export"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
                                + (", closed-loop refit" if dec.refit else "")))
     if study.data.train is not None:
