@@ -130,6 +130,8 @@ class BlockCosts:
     bases_bytes: float = 0.0        # measured peak the bases of one block add (0: the formula of added_memory)
     refit_bytes: float = 0.0        # measured peak a refit adds: fixed part (the block's solves) ...
     refit_token_bytes: float = 0.0  # ... and per calibration token (the streams and the records' inputs)
+    collect_bytes: float = 0.0      # measured peak collect adds: fixed (the block's sums; 0: the formula) ...
+    collect_token_bytes: float = 0.0   # ... and per calibration token (the hidden states)
 
     def collect(self, tokens: int, blocks: int) -> float:
         return blocks * (self.collect_block + self.collect_token * tokens)
@@ -155,18 +157,21 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     root = Path(tempfile.mkdtemp(prefix="bolaco-plan-"))
     try:
         collect_s: list[float] = []
+        collect_peak: list[float] = []
         eval_s: list[float] = []
         for ids in runs:        # the best of two runs: the first also warms kernels and caches up
             folders = iter(root / f"{len(collect_s)}-{i}" for i in range(2))
-            collect_s.append(min(_seconds(lambda: collect(model, ids, next(folders), batch_size=sequences,
-                                                          progress=False, device=device), device) for _ in range(2)))
+            both = [_measured(lambda: collect(model, ids, next(folders), batch_size=sequences, progress=False,
+                                              device=device), device) for _ in range(2)]
+            collect_s.append(min(t for t, _ in both))
+            collect_peak.append(max(b for _, b in both))
             eval_s.append(min(_seconds(lambda: perplexity(model, ids, sequences, progress=False), device)
                               for _ in range(2)))
         cov = collect(model, runs[-1], root / "2", batch_size=sequences, progress=False, device=device)
         dec = study.decompose
         decomposition = Decomposition(adapter_for(model), dec.method, dec.modules, dec.rank_multiple)
-        bases_s = _seconds(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
-        bases_bytes = _added_peak(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
+        # the first call builds (later ones read the cache): its time and its memory
+        bases_s, bases_bytes = _measured(lambda: build_bases(decomposition, cov, progress=False, device=device), device)
         comp = Compressor(decomposition, build_bases(decomposition, cov, progress=False, device=device))
         comp.bases.load(device)
         budget = decomposition.budget
@@ -177,7 +182,7 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
                                       device=device, holdout=0)
         refit_s = [min(_seconds(lambda: run_refit(ids), device) for _ in range(2 if k == 0 else 1))
                    for k, ids in enumerate(runs)]
-        refit_peak = [_added_peak(lambda: run_refit(ids), device) for ids in runs]
+        refit_peak = [_measured(lambda: run_refit(ids), device)[1] for ids in runs]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     tokens = [r.numel() for r in runs]
@@ -191,8 +196,10 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     collect_token, collect_block = _line(collect_s, tokens)
     refit_token, refit_block = _line(refit_s, tokens)
     refit_token_bytes, refit_bytes = _line(refit_peak, tokens)
+    collect_token_bytes, collect_bytes = _line(collect_peak, tokens)
     return BlockCosts(collect_token, collect_block, bases_s, apply_s, _line(eval_s, tokens)[0], head_s / tokens[0],
-                      refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes)
+                      refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes, collect_bytes,
+                      collect_token_bytes)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -215,13 +222,13 @@ def peak(device: torch.device) -> tuple[float, float]:
     return host, float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
 
 
-def _added_peak(fn, device: torch.device) -> float:
-    """Bytes `fn` adds at its peak on the execution device (host memory on a CPU)."""
+def _measured(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds, bytes `fn` adds at its peak on the execution device: host memory on a CPU) of one call."""
     before = float(torch.cuda.memory_allocated(device)) if device.type == "cuda" else resident()
     reset_peak(device)
-    fn()
+    seconds = _seconds(fn, device)
     host, dev = peak(device)
-    return max((dev if device.type == "cuda" else host) - before, 0.0)
+    return seconds, max((dev if device.type == "cuda" else host) - before, 0.0)
 
 
 def resident() -> float:
@@ -245,7 +252,8 @@ def available_host() -> float:
 def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float,
                  costs: BlockCosts) -> dict[str, float]:
     """Bytes each stage holds beside the weights: the calibration hidden states (in and out of the block in hand)
-    and the float64 sums of collect; the work of one block's bases (measured, or four float64 matrices of the
+    and the float64 sums of collect (measured on one block, per token and fixed; or counted); the work of one
+    block's bases (measured, or four float64 matrices of the
     widest record); the bases and one batch's activations and float32 logits (with their log-softmax) in search
     and export, and in export the refit's work (measured on one block, per calibration token and fixed)."""
     act = torch.finfo(model_io.torch_dtype(study.model.dtype)).bits // 8
@@ -256,7 +264,9 @@ def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float,
     accumulators = sum(2 * adapter.record_dim(r) ** 2 * 8 for r in adapter.record_names)
     widest = max(adapter.record_dim(r) for r in adapter.record_names)
     refit = costs.refit_bytes + costs.refit_token_bytes * calib_tokens if study.decompose.refit else 0.0
-    return {"collect": 2 * calib_tokens * hidden * act + accumulators + batch_bytes,
+    collect = costs.collect_bytes + costs.collect_token_bytes * calib_tokens if costs.collect_bytes else \
+        2 * calib_tokens * hidden * act + accumulators + batch_bytes
+    return {"collect": collect,
             "bases": costs.bases_bytes or 4 * widest ** 2 * 8, "search": bases + batch_bytes,
             "export": bases + max(batch_bytes, refit), "finetune": 3 * batch_bytes}
 
