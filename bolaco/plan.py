@@ -140,10 +140,10 @@ class BlockCosts:
         return blocks * (self.refit_block + self.refit_token * tokens)
 
 
-def _line(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
-    """(seconds per token, fixed seconds) through two runs of `tokens`; neither below zero."""
-    slope = max(seconds[1] - seconds[0], 0.0) / (tokens[1] - tokens[0])
-    return slope, max(seconds[0] - slope * tokens[0], 0.0)
+def _line(costs: list[float], tokens: list[int]) -> tuple[float, float]:
+    """(cost per token, fixed cost) through two runs of `tokens` (seconds or bytes); neither below zero."""
+    slope = max(costs[1] - costs[0], 0.0) / (tokens[1] - tokens[0])
+    return slope, max(costs[0] - slope * tokens[0], 0.0)
 
 
 def measure(study: Study, config, device: torch.device, sequences: int = 2) -> BlockCosts:
@@ -180,9 +180,12 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
         comp.restore()
         run_refit = lambda ids: refit(comp, levels, ids, batch_size=sequences, progress=False,  # noqa: E731
                                       device=device, holdout=0)
-        refit_s = [min(_seconds(lambda: run_refit(ids), device) for _ in range(2 if k == 0 else 1))
-                   for k, ids in enumerate(runs)]
-        refit_peak = [_measured(lambda: run_refit(ids), device)[1] for ids in runs]
+        refit_s: list[float] = []
+        refit_peak: list[float] = []
+        for k, ids in enumerate(runs):     # the small run twice: its first call warms up
+            both = [_measured(lambda: run_refit(ids), device) for _ in range(2 if k == 0 else 1)]
+            refit_s.append(min(t for t, _ in both))
+            refit_peak.append(max(b for _, b in both))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     tokens = [r.numel() for r in runs]
@@ -212,12 +215,19 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak(device: torch.device) -> tuple[float, float]:
-    """(peak host bytes of this process since reset_peak, peak device bytes)."""
+def _status_bytes(key: str) -> float | None:
+    """A memory figure of /proc/self/status (Linux) in bytes; None elsewhere."""
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        host = float(status["VmHWM"].split()[0]) * 1024
+        return float(status[key].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
+        return None
+
+
+def peak(device: torch.device) -> tuple[float, float]:
+    """(peak host bytes of this process since reset_peak, peak device bytes)."""
+    host = _status_bytes("VmHWM")
+    if host is None:
         host = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     return host, float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
 
@@ -233,11 +243,7 @@ def _measured(fn, device: torch.device) -> tuple[float, float]:
 
 def resident() -> float:
     """Bytes of host memory this process holds now."""
-    try:
-        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return float(status["VmRSS"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0.0
+    return _status_bytes("VmRSS") or 0.0
 
 
 def available_host() -> float:
@@ -253,9 +259,9 @@ def added_memory(study: Study, adapter, config, calib_tokens: int, bases: float,
                  costs: BlockCosts) -> dict[str, float]:
     """Bytes each stage holds beside the weights: the calibration hidden states (in and out of the block in hand)
     and the float64 sums of collect (measured on one block, per token and fixed; or counted); the work of one
-    block's bases (measured, or four float64 matrices of the
-    widest record); the bases and one batch's activations and float32 logits (with their log-softmax) in search
-    and export, and in export the refit's work (measured on one block, per calibration token and fixed)."""
+    block's bases (measured, or four float64 matrices of the widest record); the bases and one batch's activations
+    and float32 logits (with their log-softmax) in search and export, and in export the refit's work (measured on
+    one block, per calibration token and fixed)."""
     act = torch.finfo(model_io.torch_dtype(study.model.dtype)).bits // 8
     hidden = config.hidden_size
     inter = getattr(config, "intermediate_size", None) or 4 * hidden
