@@ -1,6 +1,7 @@
 """Tiny randomly initialised models of every supported family and a byte-level tokenizer, built in code."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +16,11 @@ from bolaco.data import read_text
 # nothing is ever fetched from a hub (lm-eval and datasets would try without these)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# A shell starts a background job (`pytest ... &`) with Ctrl-C ignored, and a child inherits an ignored signal: the
+# tests that press Ctrl-C on a bolaco process would see it go on working. Caught here, it is default in children.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "olmo2", "granite", "phi3",
             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
