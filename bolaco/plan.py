@@ -30,6 +30,7 @@ from .calibrate import cache_bytes, check_disk, collect
 from .decompose import Compressor, Decomposition, build_bases, refit
 from .errors import BolacoError
 from .evaluate.perplexity import perplexity
+from .search import OBJECTIVES
 from .study import Study
 
 GB = 1e9
@@ -117,8 +118,9 @@ def _seconds(fn, device: torch.device) -> float:
 @dataclass
 class BlockCosts:
     """Measured on the one-block model: seconds per calibration token of one block and per block (files, set-up)
-    for collect and refit, seconds per evaluated token of one block, seconds per block for bases and apply,
-    seconds per token of the real output layer."""
+    for collect and refit, seconds per evaluated token of one block (dense, and compressed to the study's budget:
+    a trial evaluates the compressed model), seconds per block for bases and apply, seconds per token of the real
+    output layer."""
     collect_token: float
     collect_block: float
     bases_block: float
@@ -132,6 +134,7 @@ class BlockCosts:
     refit_token_bytes: float = 0.0  # ... and per calibration token (the streams and the records' inputs)
     collect_bytes: float = 0.0      # measured peak collect adds: fixed (the block's sums; 0: the formula) ...
     collect_token_bytes: float = 0.0   # ... and per calibration token (the hidden states)
+    trial_token: float = 0.0        # evaluation per token of one block at the study's budget (0: eval_token)
 
     def collect(self, tokens: int, blocks: int) -> float:
         return blocks * (self.collect_block + self.collect_token * tokens)
@@ -146,28 +149,48 @@ def _line(costs: list[float], tokens: list[int]) -> tuple[float, float]:
     return slope, max(costs[0] - slope * tokens[0], 0.0)
 
 
+def _time_line(seconds: list[float], tokens: list[int]) -> tuple[float, float]:
+    """`_line` of times; when noise makes the larger run no slower, all of its time counts per token (an
+    estimate on the high side: the work grows with the tokens, and a zero slope would plan no time for them)."""
+    return (seconds[1] / tokens[1], 0.0) if seconds[1] <= seconds[0] else _line(seconds, tokens)
+
+
+def _repeated(fn, device: torch.device, within: float = 2.0, most: int = 5) -> list[tuple[float, float]]:
+    """`_measured` of `fn` called at least twice (the first also warms kernels and caches up) and again while
+    the calls so far took under `within` seconds, at most `most` times: short runs are noisy on a busy CPU."""
+    out = [_measured(fn, device) for _ in range(2)]
+    while len(out) < most and sum(t for t, _ in out) < within:
+        out.append(_measured(fn, device))
+    return out
+
+
+def _fastest(fn, device: torch.device) -> float:
+    return min(t for t, _ in _repeated(fn, device))
+
+
 def measure(study: Study, config, device: torch.device, sequences: int = 2) -> BlockCosts:
-    """Per-token costs are slopes between runs on `sequences` and 3 x `sequences` calibration sequences, so the
-    fixed costs of a run (files, fingerprints, set-up) do not pass for per-token costs; they are counted per block
-    (the scale bench found collect's files and the refit's solves to be most of the time at 1 B width)."""
+    """Per-token costs are slopes between runs on `sequences` and 3 x `sequences` calibration sequences (for the
+    evaluations: batches of the study's evaluate.batch_size, as a trial runs them), so the fixed costs of a run
+    (files, fingerprints, set-up) do not pass for per-token costs; they are counted per block (the scale bench
+    found collect's files and the refit's solves to be most of the time at 1 B width)."""
     dtype = model_io.torch_dtype(study.model.dtype)
     model = _one_block(config, dtype, device)
-    runs = [torch.randint(0, 1024, (k * sequences, study.seq_len), generator=torch.Generator().manual_seed(k))
-            for k in (1, 3)]
+    batch = study.evaluate.batch_size
+    runs, eval_runs = ([torch.randint(0, 1024, (k * n, study.seq_len), generator=torch.Generator().manual_seed(k))
+                        for k in (1, 3)] for n in (sequences, batch))
+    evaluate = lambda ids: lambda: perplexity(model, ids, batch, progress=False)    # noqa: E731
     root = Path(tempfile.mkdtemp(prefix="bolaco-plan-"))
+    folders = (root / str(i) for i in range(10**6))
     try:
         collect_s: list[float] = []
         collect_peak: list[float] = []
-        eval_s: list[float] = []
-        for ids in runs:        # the best of two runs: the first also warms kernels and caches up
-            folders = iter(root / f"{len(collect_s)}-{i}" for i in range(2))
-            both = [_measured(lambda: collect(model, ids, next(folders), batch_size=sequences, progress=False,
-                                              device=device), device) for _ in range(2)]
-            collect_s.append(min(t for t, _ in both))
-            collect_peak.append(max(b for _, b in both))
-            eval_s.append(min(_seconds(lambda: perplexity(model, ids, sequences, progress=False), device)
-                              for _ in range(2)))
-        cov = collect(model, runs[-1], root / "2", batch_size=sequences, progress=False, device=device)
+        for ids in runs:
+            calls = _repeated(lambda: collect(model, ids, next(folders), batch_size=sequences, progress=False,
+                                              device=device), device)
+            collect_s.append(min(t for t, _ in calls))
+            collect_peak.append(max(b for _, b in calls))
+        eval_s = [_fastest(evaluate(ids), device) for ids in eval_runs]
+        cov = collect(model, runs[-1], next(folders), batch_size=sequences, progress=False, device=device)
         dec = study.decompose
         decomposition = Decomposition(adapter_for(model), dec.method, dec.modules, dec.rank_multiple)
         # the first call builds (later ones read the cache): its time and its memory
@@ -177,6 +200,7 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
         budget = decomposition.budget
         levels = budget.fit({u: 1 - study.budget.remove for u in budget.units}, budget.target(study.budget.remove))
         apply_s = min(_seconds(lambda: comp.apply(levels), device) for _ in range(3))
+        trial_s = [_fastest(evaluate(ids), device) for ids in eval_runs]
         comp.restore()
         run_refit = lambda ids: refit(comp, levels, ids, batch_size=sequences, progress=False,  # noqa: E731
                                       device=device, holdout=0)
@@ -188,21 +212,21 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
             refit_peak.append(max(b for _, b in both))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    tokens = [r.numel() for r in runs]
+    tokens, eval_tokens = ([r.numel() for r in rs] for rs in (runs, eval_runs))
     hidden, vocab = config.hidden_size, config.vocab_size
     chunk = min(vocab, 8192)
     h = torch.randn(tokens[0], hidden, dtype=dtype, device=device)
     w = torch.randn(chunk, hidden, dtype=dtype, device=device)
     target = torch.randint(0, chunk, (tokens[0],), device=device)
-    F.cross_entropy(F.linear(h, w).float(), target)
-    head_s = _seconds(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
-    collect_token, collect_block = _line(collect_s, tokens)
-    refit_token, refit_block = _line(refit_s, tokens)
+    head_s = _fastest(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
+    collect_token, collect_block = _time_line(collect_s, tokens)
+    refit_token, refit_block = _time_line(refit_s, tokens)
     refit_token_bytes, refit_bytes = _line(refit_peak, tokens)
     collect_token_bytes, collect_bytes = _line(collect_peak, tokens)
-    return BlockCosts(collect_token, collect_block, bases_s, apply_s, _line(eval_s, tokens)[0], head_s / tokens[0],
+    return BlockCosts(collect_token, collect_block, bases_s, apply_s, _time_line(eval_s, eval_tokens)[0],
+                      head_s / tokens[0],
                       refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes, collect_bytes,
-                      collect_token_bytes)
+                      collect_token_bytes, _time_line(trial_s, eval_tokens)[0])
 
 
 def reset_peak(device: torch.device) -> None:
@@ -305,10 +329,13 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
         """(host, device) peaks of a stage that adds `extra` bytes beside the weights."""
         return (process, weights + extra) if on_gpu else (process + weights + extra, 0.0)
 
-    eval_s = lambda tok: tok * (costs.eval_token * n + costs.head_token)    # noqa: E731
-    designs = len(study.search.design) + ("sensitivity" in study.search.design) * len(
-        {u.type for u in decomposition.units.values()})
-    trial_s = costs.apply_block * n + eval_s(search_tok)
+    eval_s = lambda tok, block=costs.eval_token: tok * (block * n + costs.head_token)    # noqa: E731
+    compressed_s = lambda tok: eval_s(tok, costs.trial_token or costs.eval_token)      # noqa: E731
+    # dense evaluations beside the trials: the sensitivity design's reference and one pass per unit type, and the
+    # dense log-probs of a KL objective
+    reference = OBJECTIVES.get(study.search.objective, "search.objective").reference
+    dense_passes = ("sensitivity" in study.search.design) * (1 + len({u.type for u in decomposition.units.values()}))
+    trial_s = costs.apply_block * n + compressed_s(search_tok)
     kept = params - decomposition.budget.decomposable * study.budget.remove
     p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
     p.trial_seconds = trial_s
@@ -318,14 +345,15 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
                           note=f"{calib:,} calibration tokens, hidden states of the block in hand"))
     p.stages.append(Stage("bases", costs.bases_block * n, *place(extra["bases"]), disk=bases,
                           note="per-block eigen/Cholesky work in float64"))
-    p.stages.append(Stage("search", trial_s * study.search.trials + designs * eval_s(search_tok),
+    p.stages.append(Stage("search", trial_s * study.search.trials + (dense_passes + reference) * eval_s(search_tok),
                           *place(extra["search"]),
                           note=f"{study.search.trials} trials of {trial_s:.1f} s ({search_tok:,} tokens each); "
                                "bases held in memory"))
     # selection measures the best few open-loop and, when the study refits, refitted (the winner's refit is cached)
     p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
-    candidate = costs.apply_block * n + eval_s(select_tok)
+    candidate = costs.apply_block * n + compressed_s(select_tok)
     p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
+                          + reference * eval_s(select_tok)
                           + kept * act / 200e6, *place(extra["export"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
                                + (", closed-loop refit" if dec.refit else "")))

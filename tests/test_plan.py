@@ -68,3 +68,24 @@ def test_a_study_that_cannot_fit_is_refused_in_one_line(tmp_path, tokenizer, cap
     assert main(["plan", *s]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "memory" in err[0]
+
+
+def test_search_time_counts_compressed_trials_and_the_dense_passes_apart(tmp_path, tokenizer):
+    from bolaco.study import load_study
+    study = load_study(_study(tmp_path, tokenizer)[1], ["search.design=[uniform, sensitivity]",
+                                                         "search.objective=ppl+kl"])
+    eval_token, trial_token, head, apply = 1e-3, 4e-4, 2e-3, 0.05
+    p = plan_module.plan(study, costs=plan_module.BlockCosts(0, 0, 0, apply, eval_token, head, trial_token=trial_token))
+    tokens = 4 * 16                                   # the search split: 4 sequences of 16 tokens
+    trial = 3 * apply + tokens * (3 * trial_token + head)
+    assert abs(p.trial_seconds - trial) < 1e-12
+    # the sensitivity design: one dense pass and one per unit type (mlp, qk, vo); the KL objective's reference
+    dense = tokens * (3 * eval_token + head)
+    assert abs(p.stage("search").seconds - (3 * trial + (1 + 3 + 1) * dense)) < 1e-9
+
+
+def test_a_noisy_timing_never_plans_zero_seconds_per_token():
+    assert plan_module._time_line([1.0, 3.0], [100, 300]) == (0.01, 0.0)
+    slope, fixed = plan_module._time_line([1.0, 0.9], [100, 300])      # the larger run was no slower
+    assert slope == 0.9 / 300 and fixed == 0.0
+    assert plan_module._line([5.0, 4.0], [100, 300]) == (0.0, 5.0)      # bytes: a peak that did not grow is fixed
