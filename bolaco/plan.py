@@ -29,7 +29,7 @@ from .arch import adapter_for
 from .calibrate import cache_bytes, check_disk, collect
 from .decompose import Compressor, Decomposition, build_bases, refit
 from .errors import BolacoError
-from .evaluate.perplexity import perplexity
+from .evaluate.perplexity import kl_terms, perplexity
 from .search import OBJECTIVES
 from .study import Study
 
@@ -135,6 +135,7 @@ class BlockCosts:
     collect_bytes: float = 0.0      # measured peak collect adds: fixed (the block's sums; 0: the formula) ...
     collect_token_bytes: float = 0.0   # ... and per calibration token (the hidden states)
     trial_token: float = 0.0        # evaluation per token of one block at the study's budget (0: eval_token)
+    kl_token: float = 0.0           # per token, the KL to the dense log-probs that a KL objective adds
 
     def collect(self, tokens: int, blocks: int) -> float:
         return blocks * (self.collect_block + self.collect_token * tokens)
@@ -219,6 +220,8 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     w = torch.randn(chunk, hidden, dtype=dtype, device=device)
     target = torch.randint(0, chunk, (tokens[0],), device=device)
     head_s = _fastest(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
+    logits, ref = F.linear(h, w).float(), torch.log_softmax(F.linear(h, w).float(), -1)
+    kl_s = _fastest(lambda: kl_terms(logits, ref), device) * vocab / chunk
     collect_token, collect_block = _time_line(collect_s, tokens)
     refit_token, refit_block = _time_line(refit_s, tokens)
     refit_token_bytes, refit_bytes = _line(refit_peak, tokens)
@@ -226,7 +229,8 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     return BlockCosts(collect_token, collect_block, bases_s, apply_s, _time_line(eval_s, eval_tokens)[0],
                       head_s / tokens[0],
                       refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes, collect_bytes,
-                      collect_token_bytes, _time_line(trial_s, eval_tokens)[0])
+                      collect_token_bytes, _time_line(trial_s, eval_tokens)[0],
+                      kl_s / tokens[0])
 
 
 def reset_peak(device: torch.device) -> None:
@@ -335,7 +339,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
     # dense log-probs of a KL objective
     reference = OBJECTIVES.get(study.search.objective, "search.objective").reference
     dense_passes = ("sensitivity" in study.search.design) * (1 + len({u.type for u in decomposition.units.values()}))
-    trial_s = costs.apply_block * n + compressed_s(search_tok)
+    trial_s = costs.apply_block * n + compressed_s(search_tok) + reference * costs.kl_token * search_tok
     kept = params - decomposition.budget.decomposable * study.budget.remove
     p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
     p.trial_seconds = trial_s
@@ -351,7 +355,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
                                "bases held in memory"))
     # selection measures the best few open-loop and, when the study refits, refitted (the winner's refit is cached)
     p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
-    candidate = costs.apply_block * n + compressed_s(select_tok)
+    candidate = costs.apply_block * n + compressed_s(select_tok) + reference * costs.kl_token * select_tok
     p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
                           + reference * eval_s(select_tok)
                           + kept * act / 200e6, *place(extra["export"]), disk=kept * act,

@@ -74,10 +74,11 @@ def test_search_time_counts_compressed_trials_and_the_dense_passes_apart(tmp_pat
     from bolaco.study import load_study
     study = load_study(_study(tmp_path, tokenizer)[1], ["search.design=[uniform, sensitivity]",
                                                          "search.objective=ppl+kl"])
-    eval_token, trial_token, head, apply = 1e-3, 4e-4, 2e-3, 0.05
-    p = plan_module.plan(study, costs=plan_module.BlockCosts(0, 0, 0, apply, eval_token, head, trial_token=trial_token))
+    eval_token, trial_token, head, apply, kl = 1e-3, 4e-4, 2e-3, 0.05, 3e-3
+    p = plan_module.plan(study, costs=plan_module.BlockCosts(0, 0, 0, apply, eval_token, head,
+                                                             trial_token=trial_token, kl_token=kl))
     tokens = 4 * 16                                   # the search split: 4 sequences of 16 tokens
-    trial = 3 * apply + tokens * (3 * trial_token + head)
+    trial = 3 * apply + tokens * (3 * trial_token + head + kl)
     assert abs(p.trial_seconds - trial) < 1e-12
     # the sensitivity design: one dense pass and one per unit type (mlp, qk, vo); the KL objective's reference
     dense = tokens * (3 * eval_token + head)

@@ -44,9 +44,7 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
                                   reduction="sum")
             total_nll += float(nll.double())
             if reference is not None:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                ref = reference[step].to(device, torch.float32)
-                total_kl += float((logp.exp() * (logp - ref)).sum(dtype=torch.float64))
+                total_kl += kl_terms(logits, reference[step].to(device, torch.float32))
             total_tokens += ids[:, 1:].numel()
             bar.update(ids.numel())
             if on_chunk is not None:
@@ -54,6 +52,12 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, time.perf_counter() - start,
                       total_kl / total_tokens if reference is not None else None)
+
+
+def kl_terms(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Sum over positions of KL(softmax(logits) || exp(reference)); `reference` holds log-probabilities."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float((logp.exp() * (logp - reference)).sum(dtype=torch.float64))
 
 
 def log_probs(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8,
