@@ -34,6 +34,7 @@ from .search import OBJECTIVES
 from .study import Study
 
 GB = 1e9
+READ = 200e6        # bytes per second assumed for reading weights and bases from disk
 
 
 @dataclass
@@ -343,22 +344,22 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
     kept = params - decomposition.budget.decomposable * study.budget.remove
     p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
     p.trial_seconds = trial_s
-    p.stages.append(Stage("load", weights / 200e6, process + weights, weights if on_gpu else 0.0,
+    p.stages.append(Stage("load", weights / READ, process + weights, weights if on_gpu else 0.0,
                           note="read the weights (at about 200 MB/s)"))
     p.stages.append(Stage("collect", costs.collect(calib, n), *place(extra["collect"]), disk=cache,
                           note=f"{calib:,} calibration tokens, hidden states of the block in hand"))
     p.stages.append(Stage("bases", costs.bases_block * n, *place(extra["bases"]), disk=bases,
                           note="per-block eigen/Cholesky work in float64"))
-    p.stages.append(Stage("search", trial_s * study.search.trials + (dense_passes + reference) * eval_s(search_tok),
-                          *place(extra["search"]),
+    p.stages.append(Stage("search", bases / READ + trial_s * study.search.trials
+                          + (dense_passes + reference) * eval_s(search_tok), *place(extra["search"]),
                           note=f"{study.search.trials} trials of {trial_s:.1f} s ({search_tok:,} tokens each); "
-                               "bases held in memory"))
+                               "bases read into memory"))
     # selection measures the best few open-loop and, when the study refits, refitted (the winner's refit is cached)
     p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
     candidate = costs.apply_block * n + compressed_s(select_tok) + reference * costs.kl_token * select_tok
     p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
-                          + reference * eval_s(select_tok)
-                          + kept * act / 200e6, *place(extra["export"]), disk=kept * act,
+                          + reference * eval_s(select_tok) + (bases + kept * act) / READ,
+                          *place(extra["export"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
                                + (", closed-loop refit" if dec.refit else "")))
     if study.data.train is not None:
