@@ -12,6 +12,7 @@ per block or per batch, so it does not grow with depth (block streaming, docs/de
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import resource
 import shutil
@@ -182,7 +183,7 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
                         for k in (1, 3)] for n in (sequences, batch))
     evaluate = lambda ids: lambda: perplexity(model, ids, batch, progress=False)    # noqa: E731
     root = Path(tempfile.mkdtemp(prefix="bolaco-plan-"))
-    folders = (root / str(i) for i in range(10**6))
+    folders = (root / str(i) for i in itertools.count())
     try:
         collect_s: list[float] = []
         collect_peak: list[float] = []
@@ -221,17 +222,17 @@ def measure(study: Study, config, device: torch.device, sequences: int = 2) -> B
     w = torch.randn(chunk, hidden, dtype=dtype, device=device)
     target = torch.randint(0, chunk, (tokens[0],), device=device)
     head_s = _fastest(lambda: F.cross_entropy(F.linear(h, w).float(), target), device) * vocab / chunk
-    logits, ref = F.linear(h, w).float(), torch.log_softmax(F.linear(h, w).float(), -1)
+    logits = F.linear(h, w).float()
+    ref = torch.log_softmax(logits, -1)
     kl_s = _fastest(lambda: kl_terms(logits, ref), device) * vocab / chunk
     collect_token, collect_block = _time_line(collect_s, tokens)
     refit_token, refit_block = _time_line(refit_s, tokens)
     refit_token_bytes, refit_bytes = _line(refit_peak, tokens)
     collect_token_bytes, collect_bytes = _line(collect_peak, tokens)
     return BlockCosts(collect_token, collect_block, bases_s, apply_s, _time_line(eval_s, eval_tokens)[0],
-                      head_s / tokens[0],
-                      refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes, collect_bytes,
-                      collect_token_bytes, _time_line(trial_s, eval_tokens)[0],
-                      kl_s / tokens[0])
+                      head_s / tokens[0], refit_token, refit_block, bases_bytes, refit_bytes, refit_token_bytes,
+                      collect_bytes, collect_token_bytes, trial_token=_time_line(trial_s, eval_tokens)[0],
+                      kl_token=kl_s / tokens[0])
 
 
 def reset_peak(device: torch.device) -> None:
