@@ -171,14 +171,14 @@ def _fastest(fn, device: torch.device) -> float:
     return min(t for t, _ in _repeated(fn, device))
 
 
-def measure(study: Study, config, device: torch.device, sequences: int = 2) -> BlockCosts:
-    """Per-token costs are slopes between runs on `sequences` and 3 x `sequences` calibration sequences (for the
-    evaluations: batches of the study's evaluate.batch_size, as a trial runs them), so the fixed costs of a run
+def measure(study: Study, config, device: torch.device) -> BlockCosts:
+    """Per-token costs are slopes between runs of one and three batches, each of the size the stage uses
+    (collect.batch_size for collect and the refit, evaluate.batch_size for evaluations), so the fixed costs of a run
     (files, fingerprints, set-up) do not pass for per-token costs; they are counted per block (the scale bench
     found collect's files and the refit's solves to be most of the time at 1 B width)."""
     dtype = model_io.torch_dtype(study.model.dtype)
     model = _one_block(config, dtype, device)
-    batch = study.evaluate.batch_size
+    sequences, batch = study.collect.batch_size, study.evaluate.batch_size
     runs, eval_runs = ([torch.randint(0, 1024, (k * n, study.seq_len), generator=torch.Generator().manual_seed(k))
                         for k in (1, 3)] for n in (sequences, batch))
     evaluate = lambda ids: lambda: perplexity(model, ids, batch, progress=False)    # noqa: E731
