@@ -36,6 +36,7 @@ from .study import Study
 
 GB = 1e9
 READ = 200e6        # bytes per second assumed for reading weights and bases from disk
+GGUF = 7e6          # parameters per second transformers de-quantises a GGUF file at (SmolLM2-135M: 20 s on 2 cores)
 
 
 @dataclass
@@ -327,7 +328,7 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
     weights = float(params * act)
     n = adapter.n_blocks
     roles = {r: sum(s.sequences or 0 for s in spec) * study.seq_len for r, spec in study.data.roles().items()}
-    calib, search_tok, select_tok = (roles.get(r, 0) for r in ("calibration", "search", "selection"))
+    calib, search_tok, select_tok, test_tok = (roles.get(r, 0) for r in ("calibration", "search", "selection", "test"))
     extra = added_memory(study, adapter, config, calib, bases, costs)
     on_gpu = dev.type == "cuda"
 
@@ -343,10 +344,13 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
     dense_passes = ("sensitivity" in study.search.design) * (1 + len({u.type for u in decomposition.units.values()}))
     trial_s = costs.apply_block * n + compressed_s(search_tok) + reference * costs.kl_token * search_tok
     kept = params - decomposition.budget.decomposable * study.budget.remove
-    p = Plan(study.name, model_io.resolve(study.model.path).label, str(dev), params, n)
+    src = model_io.resolve(study.model.path)
+    load_s = params / GGUF if src.gguf_file else weights / READ
+    p = Plan(study.name, src.label, str(dev), params, n)
     p.trial_seconds = trial_s
-    p.stages.append(Stage("load", weights / READ, process + weights, weights if on_gpu else 0.0,
-                          note="read the weights (at about 200 MB/s)"))
+    p.stages.append(Stage("load", load_s, process + weights, weights if on_gpu else 0.0,
+                          note="de-quantise the GGUF weights" if src.gguf_file else
+                          "read the weights (at about 200 MB/s)"))
     p.stages.append(Stage("collect", costs.collect(calib, n), *place(extra["collect"]), disk=cache,
                           note=f"{calib:,} calibration tokens, hidden states of the block in hand"))
     p.stages.append(Stage("bases", costs.bases_block * n, *place(extra["bases"]), disk=bases,
@@ -358,11 +362,12 @@ def plan(study: Study, device: str = "cpu", costs: BlockCosts | None = None, pro
     # selection measures the best few open-loop and, when the study refits, refitted (the winner's refit is cached)
     p.refit_seconds = costs.refit(calib, n) if dec.refit else 0.0
     candidate = costs.apply_block * n + compressed_s(select_tok) + reference * costs.kl_token * select_tok
-    p.stages.append(Stage("export", study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
-                          + reference * eval_s(select_tok) + (bases + kept * act) / READ,
-                          *place(extra["export"]), disk=kept * act,
+    # its own load of the model, the selection, the winner's search and test perplexity, the bases and the writes
+    p.stages.append(Stage("export", load_s + study.search.select_top * ((1 + dec.refit) * candidate + p.refit_seconds)
+                          + reference * eval_s(select_tok) + compressed_s(search_tok + test_tok)
+                          + (bases + kept * act) / READ, *place(extra["export"]), disk=kept * act,
                           note=f"best {study.search.select_top} measured on {select_tok:,} selection tokens"
-                               + (", closed-loop refit" if dec.refit else "")))
+                               + (", closed-loop refit" if dec.refit else "") + ", then search and test perplexity"))
     if study.data.train is not None:
         ft = study.finetune
         tokens = ft.steps * ft.batch_size * study.seq_len
