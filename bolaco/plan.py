@@ -203,7 +203,7 @@ def measure(study: Study, config, device: torch.device) -> BlockCosts:
         comp.bases.load(device)
         budget = decomposition.budget
         levels = budget.fit({u: 1 - study.budget.remove for u in budget.units}, budget.target(study.budget.remove))
-        apply_s = min(_seconds(lambda: comp.apply(levels), device) for _ in range(3))
+        apply_s = _fastest(lambda: comp.apply(levels), device)
         trial_s = [_fastest(evaluate(ids), device) for ids in eval_runs]
         comp.restore()
         run_refit = lambda ids: refit(comp, levels, ids, batch_size=sequences, progress=False,  # noqa: E731
