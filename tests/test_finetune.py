@@ -182,6 +182,19 @@ def test_finetune_command_end_to_end(tmp_path, tokenizer):
     assert set(meta["finetune"]["perplexity_before"]) == {"search", "test"}
     assert meta["finetune"]["tokens"] == 3 * 2 * 16
     assert (out / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
+    # the post-trained export loads again, through bolaco and plain transformers, and is the model that was measured
+    import bolaco
+    from transformers import AutoModelForCausalLM
+    from bolaco.data import role_sequences
+    from bolaco.evaluate.perplexity import perplexity
+    from bolaco.study import load_study
+    reloaded, _ = bolaco.load(out)
+    s = load_study(str(study), [])
+    test = role_sequences({"test": s.data.roles()["test"]}, tokenizer, s.seq_len, s.data.dir, s.cache_dir)["test"]
+    measured = meta["finetune"]["perplexity_after"]["test"]
+    assert perplexity(reloaded, test, 2, progress=False).ppl == pytest.approx(measured, rel=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert torch.allclose(plain(test[:2]).logits, reloaded(test[:2]).logits, atol=1e-5)
 
 
 def test_dense_baseline_and_distillation(tmp_path):

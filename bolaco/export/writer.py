@@ -119,11 +119,20 @@ def shared_input_groups(adapter, lowrank) -> list[list[str]]:
     return [g for g in groups if len(g) > 1]
 
 
+def _base_architecture(model) -> tuple[type, type]:
+    """(model class, config class) of the transformers architecture under `model`: for a model loaded from an
+    export (e.g. post-trained and exported again) the one its BolacoForCausalLM was built on, not that class."""
+    if model.config.model_type == MODEL_TYPE:
+        return type(model).__bases__[0], type(model.config).__bases__[0]
+    return type(model), type(model.config)
+
+
 def _config(model, adapter, levels: LevelMap) -> dict:
     """config.json: the base architecture's, marked as a bolaco export, with the compressed layers."""
     replaced = {li.path: m for lid, li in adapter.linears.items()
                 if type(m := adapter.module(lid)) is not torch.nn.Linear}
     lowrank = {lid for lid, li in adapter.linears.items() if isinstance(replaced.get(li.path), LowRankLinear)}
+    base_model, base_config = _base_architecture(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)      # a dequantized GGUF model is a plain float model now
     config.pop("_name_or_path", None)
@@ -131,8 +140,8 @@ def _config(model, adapter, levels: LevelMap) -> dict:
                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                   auto_map={"AutoConfig": "modeling_bolaco.BolacoConfig",
                             "AutoModelForCausalLM": "modeling_bolaco.BolacoForCausalLM"},
-                  bolaco={"format": EXPORT_FORMAT, "base_model_type": model.config.model_type,
-                          "base_class": type(model).__name__, "levels": dict(sorted(levels.items())),
+                  bolaco={"format": EXPORT_FORMAT, "base_model_type": base_config.model_type,
+                          "base_class": base_model.__name__, "levels": dict(sorted(levels.items())),
                           "layers": {path: layer_spec(m) for path, m in sorted(replaced.items())},
                           "shared_inputs": shared_input_groups(adapter, lowrank)})
     return config
@@ -142,7 +151,7 @@ def _write(model, tokenizer, config: dict, out: Path, shard_size: str | int) -> 
     (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
     (out / MODELING_FILE).write_text(f"# Written by bolaco {__version__}: the model of this folder for "
                                      "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).\n"
-                                     + modeling_source(type(model), type(model.config)))
+                                     + modeling_source(*_base_architecture(model)))
     save_torch_state_dict(_unique_state(model), out, max_shard_size=shard_size, metadata={"format": "pt"})
     generation = getattr(model, "generation_config", None)
     if generation is not None:       # the base model's eos ids and sampling defaults
