@@ -119,7 +119,7 @@ def shared_input_groups(adapter, lowrank) -> list[list[str]]:
     return [g for g in groups if len(g) > 1]
 
 
-def _base_architecture(model) -> tuple[type, type]:
+def _base_architecture(model) -> tuple[type, Any]:
     """(model class, config class) of the transformers architecture under `model`: for a model loaded from an
     export (e.g. post-trained and exported again) the one its BolacoForCausalLM was built on, not that class."""
     if model.config.model_type == MODEL_TYPE:
