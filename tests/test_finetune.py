@@ -2,12 +2,16 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+import bolaco
 from bolaco.arch import adapter_for
+from bolaco.data import role_sequences
 from bolaco.errors import BolacoError
+from bolaco.evaluate.perplexity import perplexity
 from bolaco.export import count_params, export
 from bolaco.finetune.subspace import SubspaceTuner, _Checkpoint
-from bolaco.study import FinetuneConfig
+from bolaco.study import FinetuneConfig, load_study
 from conftest import STRUCTURED, tiny_model, uniform_compressor
 
 SEQS = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(7))
@@ -165,7 +169,8 @@ def test_finetune_command_end_to_end(tmp_path, tokenizer):
     from bolaco.cli import main
     model = tiny_model("mistral", vocab_size=len(tokenizer))
     calibration = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
-    _, comp = uniform_compressor(model, calibration, tmp_path / "cache")
+    # the default's mix: the structured MLP and per-matrix factors for attention
+    _, comp = uniform_compressor(model, calibration, tmp_path / "cache", modules=("mlp",))
     ranks = comp.budget.uniform(0.3)
     comp.apply(ranks)
     src = export(model, tokenizer, ranks, tmp_path / "exported", {"method": "feature"})
@@ -183,11 +188,6 @@ def test_finetune_command_end_to_end(tmp_path, tokenizer):
     assert meta["finetune"]["tokens"] == 3 * 2 * 16
     assert (out / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
     # the post-trained export loads again, through bolaco and plain transformers, and is the model that was measured
-    import bolaco
-    from transformers import AutoModelForCausalLM
-    from bolaco.data import role_sequences
-    from bolaco.evaluate.perplexity import perplexity
-    from bolaco.study import load_study
     reloaded, _ = bolaco.load(out)
     s = load_study(str(study), [])
     test = role_sequences({"test": s.data.roles()["test"]}, tokenizer, s.seq_len, s.data.dir, s.cache_dir)["test"]
