@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import cast
 
@@ -184,8 +185,10 @@ class SubspaceTuner:
         scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
         store = _Checkpoint(checkpoint)
         start, losses = store.load(self.trainable, optimizer)
-        for _ in range(start):
-            scheduler.step()
+        with warnings.catch_warnings():   # fast-forwarding a resumed schedule steps it before the optimizer, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(start):
+                scheduler.step()
         # bfloat16 autocast on a GPU (LoRA's own weights stay float32: peft's autocast_adapter_dtype)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
