@@ -212,31 +212,41 @@ def test_structured_modules_at_full_size_are_the_dense_modules(family, tmp_path)
     comp.restore()
 
 
-def test_the_structured_mlp_keeps_neurons_by_leverage_and_refits_down_by_least_squares(tmp_path):
+def test_the_structured_mlp_keeps_neurons_by_greedy_elimination_and_refits_down_by_least_squares(tmp_path):
     """down' = W_D C[:, S] C[S, S]^-1 with its bias keeping the mean: the least-squares map from the kept neurons'
-    materialised features to the dense outputs (float64 reference); gate and up keep exactly those rows."""
+    materialised features to the dense outputs (float64 reference); gate and up keep exactly those rows. The order
+    is greedy backward elimination: each step drops the neuron whose removal (with the refit) raises the
+    least-squares error least, recomputed by brute force here."""
     model = tiny_model("qwen2")
     calibration = torch.randint(0, 300, (16, 16), generator=torch.Generator().manual_seed(7))
     adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=("mlp",))
     h = _materialised(model, adapter, calibration, ["1.down"])["1.down"]
     dense_down = adapter.module("1.down")
-    y = h @ dense_down.weight.double().T + (dense_down.bias.double() if dense_down.bias is not None else 0)
+    with torch.no_grad():
+        y = h @ dense_down.weight.double().T + (dense_down.bias.double() if dense_down.bias is not None else 0)
     unit = comp.budget.units["1.mlp"]
+    order = comp.bases.parts("1.mlp")["order"]
     for k in (24, 64):
         layers = comp.open_loop("1.mlp", k)
         gate, down = layers["1.gate"], layers["1.down"]
-        kept = comp.bases.parts("1.mlp")["order"][:k]
+        kept = order[:k]
         assert torch.equal(gate.weight, adapter.module("1.gate").weight[kept])
         design = torch.cat([h[:, kept], torch.ones(len(h), 1, dtype=torch.float64)], 1)
         coef = torch.linalg.lstsq(design, y).solution
         assert torch.allclose(down.weight.double(), coef[:k].T, atol=2e-3, rtol=1e-3)
         assert torch.allclose(down.bias.double(), coef[k], atol=2e-3)
         assert sum(p.numel() for m in layers.values() for p in m.parameters()) == unit.params(k)
-    # leverage order: the smallest diagonal entries of (C + lam I)^-1 first
-    cov = torch.cov(h.T, correction=0)
-    lam = 1e-2 * cov.diagonal().mean()
-    ref = torch.linalg.inv(cov + lam * torch.eye(len(cov), dtype=torch.float64)).diagonal().argsort()
-    assert torch.equal(comp.bases.parts("1.mlp")["order"][:8], ref[:8])
+
+    def error(keep):
+        design = torch.cat([h[:, keep], torch.ones(len(h), 1, dtype=torch.float64)], 1)
+        return float((y - design @ torch.linalg.lstsq(design, y).solution).square().sum())
+
+    alive, dropped = list(range(h.shape[1])), []
+    for _ in range(32):
+        cost = [error([j for j in alive if j != i]) for i in alive]
+        dropped.append(alive.pop(min(range(len(alive)), key=cost.__getitem__)))
+    assert order.flip(0)[:32].tolist() == dropped
+    assert error(order[:48].tolist()) < error(order.flip(0)[:48].tolist())
 
 
 def test_structured_attention_drops_whole_rotary_pairs_and_keeps_the_output_mean(tmp_path):

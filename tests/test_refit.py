@@ -113,8 +113,12 @@ def _block_outputs(model, adapter, ids):
 
 def test_at_full_size_the_refit_model_reproduces_the_dense_one(family, tmp_path):
     """Structured units at their full level (per-matrix ones, whose bases stop at the break-even rank, stay
-    dense): every refit target is fitted, and the refitted model is the dense one."""
+    dense): every refit target is fitted, and the refitted model is the dense one. In float64 where the family
+    runs in it (experts' grouped matmuls take float32 only): the tiny models' near-singular fits amplify float32
+    rounding by an amount that depends on the order of the kept neurons (gemma2: 2e-4 to 9e-3)."""
     model = tiny_model(family)
+    if not hasattr(model.config, "num_experts_per_tok"):
+        model = model.double()
     calibration = _calibration()
     adapter, comp = uniform_compressor(model, calibration, tmp_path, modules=STRUCTURED)
     with torch.no_grad():
