@@ -7,11 +7,12 @@ features, the least-squares map from h_S to W_D h over the calibration statistic
 dropped neurons contributed becomes down's bias):
     W_D' = W_D C[:, S] C[S, S]^-1,    b' = W_D mu + b - W_D' mu_S,    C = Cov(h), mu = E[h].
 Neurons are ranked once, by greedy backward elimination with that refit (optimal brain surgeon on the output
-error): from all neurons, drop the chunk whose removal costs least, ||W'[:, j]||^2 / [C_S^-1]_jj with W' the current
-refitted down, then refit W' and downdate C_S^-1 in closed form and repeat. Unlike a ranking of the features alone
-(MoDeGPT's ridge leverage), it weighs each neuron by what down reads from it: 2-17 % less output error at the same
-k on SmolLM2's blocks. The kept sets are nested, so one Cholesky factor in that order serves every k: with
-C_perm = L L^T, W_D' = (W_D[:, order] L)[:, :k] (L^-1)[:k, :k], a d x k x k product per trial instead of a solve.
+error): from all neurons, drop the chunk of neurons whose single removal costs least, ||W'[:, j]||^2 / [C_S^-1]_jj
+with W' the current refitted down, then refit W' and downdate C_S^-1 in closed form and repeat. Unlike a ranking
+of the features alone (MoDeGPT's ridge leverage), it weighs each neuron by what down reads from it: 2-17 % less
+output error at the same k on SmolLM2's blocks. The kept sets are nested, so one Cholesky factor in that order
+serves every k: with C_perm = L L^T, W_D' = (W_D[:, order] L)[:, :k] (L^-1)[:k, :k], a d x k x k product per
+trial instead of a solve.
 """
 
 from __future__ import annotations
