@@ -116,10 +116,10 @@ def _elimination_order(cov: torch.Tensor, w: torch.Tensor, scale: float) -> torc
     alive = torch.ones(n, dtype=torch.bool, device=cov.device)
     chunk = max(1, -(-n // ELIMINATION_STEPS))
     dropped = []
-    while bool(alive.any()):
+    for start in range(0, n, chunk):
         cost = refit.square().sum(0) / inv.diagonal().clamp(min=torch.finfo(inv.dtype).tiny)
         cost[~alive] = float("inf")
-        r = cost.argsort()[:min(chunk, int(alive.sum()))]
+        r = cost.argsort()[:min(chunk, n - start)]
         sol = torch.linalg.solve(inv[r][:, r], inv[r])          # P_RR^-1 P_R,: (dropped columns of P are zero)
         refit.addmm_(refit[:, r], sol, alpha=-1)             # in place: no n x n temporary per step
         inv.addmm_(inv[:, r], sol, alpha=-1)
