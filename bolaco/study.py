@@ -124,9 +124,12 @@ class SearchConfig(Section):
     seed: int = 0
     """Seeds every proposal (with the trial number): the same seed on the same machine gives the same trials."""
     objective: str = "ppl"
-    """What a trial minimises on the search split: ppl (log-perplexity), kl (to the dense model) or ppl+kl."""
+    """What a trial minimises on the search split: ppl (log-perplexity), kl (to the dense model), ppl+kl, or
+    ppl+recall (adds the NLL of rare tokens that already occur earlier in their window)."""
     kl_weight: float = Field(1.0, ge=0)
     """objective ppl+kl: NLL + kl_weight x KL, nats per token."""
+    recall_weight: float = Field(1.0, ge=0)
+    """objective ppl+recall: NLL + recall_weight x the recall tokens' mean NLL, nats per token."""
     pruner: Literal["none", "median"] = "none"
     """median: stop a trial whose running search value is worse than the median of earlier trials at that point."""
     prefetch: bool | Literal["auto"] = "auto"

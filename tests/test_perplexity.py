@@ -49,6 +49,25 @@ def test_kl_to_reference_is_zero_for_itself_and_matches_float64():
     assert got > 0 and math.isclose(got, expected, rel_tol=1e-4)
 
 
+def test_recall_positions_are_rare_targets_seen_earlier_in_their_window_and_their_nll_is_reported():
+    from bolaco.evaluate.perplexity import recall_positions
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(0, 40, (6, 20), generator=g)     # a small vocabulary: many repeats
+    rare = torch.rand(300, generator=g) < 0.5
+    got = recall_positions(seqs, rare)
+    expected = torch.tensor([[bool(rare[w[t + 1]]) and int(w[t + 1]) in w[:t + 1].tolist() for t in range(19)]
+                             for w in seqs])
+    assert got.shape == (6, 19) and torch.equal(got, expected) and 0 < int(got.sum()) < got.numel()
+
+    model = tiny_model("llama")
+    r = perplexity(model, seqs, batch_size=4, progress=False, focus=got)
+    with torch.no_grad():
+        logp = torch.log_softmax(copy.deepcopy(model).double()(input_ids=seqs).logits[:, :-1], -1)
+    nll = -logp.gather(-1, seqs[:, 1:, None])[..., 0]
+    assert math.isclose(r.focus_nll, float(nll[got].mean()), rel_tol=1e-5)
+    assert math.isclose(r.nll, float(nll.mean()), rel_tol=1e-5)
+
+
 def test_ctrl_c_inside_an_evaluation_clears_its_progress_bar_first(capsys):
     """The command's one-line 'interrupted' message must start on a clean line: the bar is gone by the time
     the KeyboardInterrupt reaches the command's handler (whose traceback still holds the frame that made it)."""

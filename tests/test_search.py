@@ -204,6 +204,27 @@ def test_kl_objectives(tmp_path, objective):
         assert t.value == pytest.approx(kl if objective == "kl" else nll + 10.0 * kl)
 
 
+def test_recall_objective_adds_the_nll_of_rare_tokens_repeated_from_their_window(tmp_path):
+    from bolaco.evaluate.perplexity import perplexity, recall_positions
+    ws, comp = tiny_workspace(tmp_path, sampler="random", objective="ppl+recall", recall_weight=2.0)
+    # tokens 250-299 never occur in the calibration data (rare); each window repeats its first half
+    half = torch.randint(250, 300, (4, 8), generator=torch.Generator().manual_seed(4))
+    ws.data["calibration"] = torch.randint(0, 250, (8, 16), generator=torch.Generator().manual_seed(5))
+    ws.data["search"] = torch.cat([half, half], dim=1)
+    focus = recall_positions(ws.data["search"], torch.arange(300) >= 250)
+    assert focus[:, 7:].all()
+    opt = search.run(ws, comp, create=True, trials=2, artifacts=None)
+    for t in opt.trials:
+        recall, nll = t.user_attrs["search_recall"], t.user_attrs["search_nll"]
+        assert t.value == pytest.approx(nll + 2.0 * recall)
+        comp.apply(t.user_attrs["levels"])
+        try:
+            assert recall == pytest.approx(perplexity(ws.model, ws.data["search"], progress=False,
+                                                      focus=focus).focus_nll, rel=1e-6)
+        finally:
+            comp.restore()
+
+
 def test_a_failed_model_step_is_recorded_and_counted(tmp_path, monkeypatch):
     from bolaco.search import sampler as sampler_module
 

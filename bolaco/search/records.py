@@ -40,6 +40,7 @@ class Evaluation:
     seconds_apply: float
     seconds_eval: float
     search_kl: float | None = None     # with a KL objective
+    search_recall: float | None = None     # with the recall objective: the recall tokens' mean NLL
 
 
 def write(trial, record: Proposal | Evaluation) -> None:

@@ -31,8 +31,9 @@ class Candidate:
 def select(ws, comp, opt, top: int) -> tuple[LevelMap, bool, dict]:
     """(the level map to export, whether to refit it, the record of the selection for bolaco.json)."""
     ranked = [r for r in ranked_trials(opt) if r.evaluation is not None][:top]
-    objective = make_objective(ws.study.search.objective, ws.model, {"selection": ws.data["selection"]},
-                               ws.study.evaluate.batch_size, ws.study.search.kl_weight)
+    cfg = ws.study.search
+    objective = make_objective(cfg.objective, ws.model, {"selection": ws.data["selection"]},
+                               ws.study.evaluate.batch_size, cfg.kl_weight, cfg.recall_weight, ws.data["calibration"])
     candidates = []
     for record in ranked:
         for refit in (False, True) if ws.study.decompose.refit else (False,):

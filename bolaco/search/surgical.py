@@ -163,7 +163,8 @@ def surgical_objective(ws, cfg: SurgicalConfig) -> Objective:
             raise BolacoError("surgical search needs at least 2 search sequences (one per chunk)")
         half = len(seqs) // 2
         return make_objective(cfg.metric, ws.model, {"search": seqs[:half], "verify": seqs[half:]},
-                              ws.study.evaluate.batch_size, ws.study.search.kl_weight)
+                              ws.study.evaluate.batch_size, ws.study.search.kl_weight,
+                              ws.study.search.recall_weight, ws.data["calibration"])
     from ..evaluate.tasks import ZERO_SHOT, load_tasks, n_docs, split
     if cfg.metric not in ZERO_SHOT:
         raise BolacoError(f"surgical.metric '{cfg.metric}' is neither an objective ({', '.join(OBJECTIVES.names())}) "

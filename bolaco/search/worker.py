@@ -111,7 +111,8 @@ def identity(study: Study, space: SearchSpace, fingerprint: str, data_hashes: di
     return {"model": fingerprint, "data": data_hashes, "seq_len": study.seq_len, "budget.remove": study.budget.remove,
             "decompose": f"{dec.method} {sorted(dec.modules)} x{dec.rank_multiple}",
             "search.variables": list(space.names), "search.r_min": cfg.r_min, "search.objective": cfg.objective,
-            "search.kl_weight": cfg.kl_weight if cfg.objective != "ppl" else 0.0,
+            "search.kl_weight": cfg.kl_weight if "kl" in cfg.objective else 0.0,
+            **({"search.recall_weight": cfg.recall_weight} if "recall" in cfg.objective else {}),
             "search.refit_trials": [cfg.refit_trials, cfg.refit_sequences] if cfg.refit_trials else False,
             "value_unit": "nats/token"}
 
@@ -169,7 +170,8 @@ class TrialRunner:
             self.store = FileSystemArtifactStore(str(artifacts))
         cfg = ws.study.search
         self.objective: Objective = make_objective(cfg.objective, ws.model, {"search": ws.data["search"]},
-                                                   ws.study.evaluate.batch_size, cfg.kl_weight)
+                                                   ws.study.evaluate.batch_size, cfg.kl_weight, cfg.recall_weight,
+                                                   ws.data["calibration"])
 
     def __call__(self, trial: optuna.Trial, levels: LevelMap) -> tuple[float, Evaluation]:
         try:
@@ -190,7 +192,7 @@ class TrialRunner:
             budget = self.comp.budget
             params = budget.params(levels)
             record = Evaluation(params, 1 - params / budget.decomposable, m.ppl, m.nll, round(applied, 3),
-                                round(m.seconds, 3), m.kl)
+                                round(m.seconds, 3), m.kl, m.recall)
             write(trial, record)
             if self.store is not None:
                 self._upload_heatmap(trial, budget, levels, m.ppl)
