@@ -123,9 +123,9 @@ class SearchConfig(Section):
     block-importance scores) and sensitivity (one type at a time compressed, the others kept; ranked by the loss)."""
     seed: int = 0
     """Seeds every proposal (with the trial number): the same seed on the same machine gives the same trials."""
-    objective: str = "ppl"
-    """What a trial minimises on the search split: ppl (log-perplexity), kl (to the dense model), ppl+kl, or
-    ppl+recall (adds the NLL of rare tokens that already occur earlier in their window)."""
+    objective: str = "ppl+recall"
+    """What a trial minimises on the search split: ppl+recall (the NLL plus the NLL of rare tokens that already
+    occur earlier in their window), ppl (log-perplexity), kl (to the dense model) or ppl+kl."""
     kl_weight: float = Field(1.0, ge=0)
     """objective ppl+kl: NLL + kl_weight x KL, nats per token."""
     recall_weight: float = Field(1.0, ge=0)
