@@ -225,6 +225,10 @@ def test_recall_objective_adds_the_nll_of_rare_tokens_repeated_from_their_window
                                                       focus=focus).focus_nll, rel=1e-6)
         finally:
             comp.restore()
+    # the weight is part of what the trials answer: a resume with another is refused
+    ws.study = ws.study.override(search__recall_weight=1.0)
+    with pytest.raises(BolacoError, match="created with another search.recall_weight"):
+        search.run(ws, comp, create=False, trials=3, artifacts=None)
 
 
 def test_a_failed_model_step_is_recorded_and_counted(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from ..heatmap import keep_heatmap
 from ..errors import mask_secrets
 from ..study import Study
 from .design import designed_points
-from .objectives import Objective, make_objective
+from .objectives import OBJECTIVES, Objective, make_objective
 from .records import LEVELS, Evaluation, Proposal, TrialRecord, levels_key, write
 from .sampler import BudgetSampler
 from .space import SearchSpace
@@ -108,11 +108,12 @@ def trial_id(trial) -> int:
 def identity(study: Study, space: SearchSpace, fingerprint: str, data_hashes: dict[str, str]) -> dict:
     """What a study's trials answer: the same identity or no resume."""
     cfg, dec = study.search, study.decompose
+    objective = OBJECTIVES.get(cfg.objective, "search.objective")    # which weights its values depend on
     return {"model": fingerprint, "data": data_hashes, "seq_len": study.seq_len, "budget.remove": study.budget.remove,
             "decompose": f"{dec.method} {sorted(dec.modules)} x{dec.rank_multiple}",
             "search.variables": list(space.names), "search.r_min": cfg.r_min, "search.objective": cfg.objective,
-            "search.kl_weight": cfg.kl_weight if "kl" in cfg.objective else 0.0,
-            **({"search.recall_weight": cfg.recall_weight} if "recall" in cfg.objective else {}),
+            "search.kl_weight": cfg.kl_weight if objective.reference else 0.0,
+            **({"search.recall_weight": cfg.recall_weight} if objective.recall else {}),
             "search.refit_trials": [cfg.refit_trials, cfg.refit_sequences] if cfg.refit_trials else False,
             "value_unit": "nats/token"}
 
