@@ -171,8 +171,10 @@ class FinetuneConfig(Section):
     """Seeds the LoRA initialisation and the order of the training batches."""
     checkpoint_every: int = Field(25, ge=1)
     """Steps between checkpoints (an interrupted run resumes from the last one)."""
+    ce: float = Field(1.0, ge=0)
+    """Weight of the next-token cross-entropy on the training text (0 with distill > 0: pure distillation)."""
     distill: float = Field(0.0, ge=0)
-    """Loss = CE + distill x KL(dense || model) on the same tokens (0: off)."""
+    """Loss = ce x CE + distill x KL(dense || model) on the same tokens (0: off)."""
     lora_dense: bool = True
     """lora: also LoRA on every projection that is a plain matrix (kept dense or structurally reduced), merged in."""
     gradient_checkpointing: bool = False

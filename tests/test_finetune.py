@@ -223,9 +223,17 @@ def test_dense_baseline_and_distillation(tmp_path):
         out = model(input_ids=batch, labels=batch)
         ref = torch.log_softmax(teacher(input_ids=batch).logits.double(), -1)
         logp = torch.log_softmax(out.logits.double(), -1)
-        expected = float(out.loss) + 0.5 * float((ref.exp() * (ref - logp)).sum(-1).mean())
+        kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
     cfg = FinetuneConfig(steps=1, batch_size=2, lr=1e-9, warmup=0, schedule="constant", distill=0.5)
     first = SubspaceTuner(model, cfg, teacher=teacher).fit(batch, progress=False)[0]
-    assert first == pytest.approx(expected, rel=1e-4)
+    assert first == pytest.approx(float(out.loss) + 0.5 * kl, rel=1e-4)
     with pytest.raises(BolacoError, match="teacher"):
         SubspaceTuner(model, cfg)
+    pure = cfg.model_copy(update={"ce": 0.0})   # pure distillation: the KL term alone
+    fresh, _ = compressed_model(tmp_path, family="llama")
+    first = SubspaceTuner(fresh, pure, teacher=teacher).fit(batch, progress=False)[0]
+    assert first == pytest.approx(0.5 * kl, abs=1e-6)
+    with pytest.raises(BolacoError, match="both 0"):
+        SubspaceTuner(fresh, pure.model_copy(update={"distill": 0.0}), teacher=teacher)
+    # the dense model distilled from itself starts at its optimum (loss 0): its fair baseline is the dense model
+    assert SubspaceTuner(tiny_model("llama"), pure, teacher=teacher, dense=True).fit(batch, progress=False) == [0.0]

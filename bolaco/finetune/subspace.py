@@ -10,10 +10,10 @@ For a per-matrix low-rank layer y = up(down(x)) + b:
   up <- diag(g) up, b <- g * b.
 - `dense`: the fair baseline, LoRA of the same rank on every projection of the *dense* model, trained with
   the same data, tokens and settings.
-The loss is next-token cross-entropy, plus `distill` x KL(teacher || model) per token when a teacher (the
-dense model) is given. Training is deterministic for a seed, and checkpoints (trainable tensors, AdamW
-state, losses) are written atomically as safetensors + JSON, so an interrupted run resumes to the same
-loss sequence.
+The loss is `ce` x next-token cross-entropy plus `distill` x KL(teacher || model) per token when a teacher
+(the dense model) is given; with ce 0 it is pure distillation, whose dense baseline is the dense model itself.
+Training is deterministic for a seed, and checkpoints (trainable tensors, AdamW state, losses) are written
+atomically as safetensors + JSON, so an interrupted run resumes to the same loss sequence.
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ class SubspaceTuner:
             raise BolacoError("the dense baseline is LoRA on the dense projections: use variant lora")
         if cfg.distill > 0 and teacher is None:
             raise BolacoError("finetune.distill needs the dense model as teacher")
+        if cfg.ce == 0 and cfg.distill == 0:
+            raise BolacoError("finetune.ce and finetune.distill are both 0: set one of them above 0")
         self.model, self.cfg, self.teacher = model, cfg, teacher
         self.adapter = adapter_for(model)
         self.ids = list(self.adapter.linears) if dense else compressed_ids(self.adapter)
@@ -203,8 +205,8 @@ class SubspaceTuner:
                     rows = _batch_indices(len(sequences), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed, perms)
                     batch = sequences[rows].to(device)
                     with autocast:
-                        out = net(input_ids=batch, labels=batch, use_cache=False)
-                        loss = out.loss
+                        out = net(input_ids=batch, labels=batch if cfg.ce > 0 else None, use_cache=False)
+                        loss = cfg.ce * out.loss if cfg.ce > 0 else 0.0
                         if self.teacher is not None and cfg.distill > 0:
                             loss = loss + cfg.distill * self._kl_to_teacher(batch, out.logits)
                         loss = loss / cfg.grad_accum
