@@ -13,7 +13,8 @@ resumes where it stopped.
 
 --finetune STEPS adds post-training (`make finetune`: `bolaco finetune` on each seed's export, LoRA on the study's
 train role, STEPS steps) and, beside it, the dense model given the same LoRA on the same data and tokens, so that
-recovery is told apart from adaptation to the training text.
+recovery is told apart from adaptation to the training text (with `--set finetune.ce=0 --set finetune.distill=1`,
+pure distillation from the dense model, that baseline is the dense model itself).
 """
 
 from __future__ import annotations
@@ -50,10 +51,16 @@ def run_seed(study: str, sets: list[str], seed: int, work: Path) -> tuple[Path, 
     return out, seconds
 
 
+def finetune_name(sets: list[str], steps: int) -> str:
+    """finetuned-STEPS and the finetune overrides (finetuned-100-ce0-distill1): one folder per training recipe."""
+    return "-".join([f"finetuned-{steps}", *(s.split(".", 1)[1].replace("=", "") for s in sets
+                                             if s.startswith("finetune."))])
+
+
 def finetune_seed(study: str, sets: list[str], seed: int, steps: int, work: Path) -> tuple[Path, float]:
     """`bolaco finetune` on one seed's export; (post-trained export, seconds)."""
-    folder = work / f"seed{seed}"
-    out, timing_file = folder / f"finetuned-{steps}", folder / f"finetune-{steps}-seconds.json"
+    folder, name = work / f"seed{seed}", finetune_name(sets, steps)
+    out, timing_file = folder / name, folder / f"{name}-seconds.json"
     if not ((out / "bolaco.json").is_file() and timing_file.is_file()):
         t = time.perf_counter()
         bolaco("finetune", "--study", study, "--cache-dir", str(folder / "cache"), "--from", str(folder / "export"),
@@ -62,10 +69,13 @@ def finetune_seed(study: str, sets: list[str], seed: int, steps: int, work: Path
     return out, json.loads(timing_file.read_text())["seconds"]
 
 
-def dense_finetuned(study: Study, held: HeldOut, steps: int, work: Path) -> dict[str, float]:
-    """The fairness baseline: the dense model with the same LoRA, data, steps and tokens as the exports."""
-    model, tokenizer = model_io.load(study.model.path, dtype=study.model.dtype)
+def dense_finetuned(study: Study, held: HeldOut, dense: dict, steps: int, work: Path) -> dict[str, float]:
+    """The fairness baseline: the dense model with the same LoRA, data, steps and tokens as the exports. Pure
+    distillation from the dense model (finetune.ce 0) starts the dense model at its optimum: the baseline is dense."""
     cfg = study.finetune.model_copy(update={"steps": steps})
+    if cfg.ce == 0:
+        return dense
+    model, tokenizer = model_io.load(study.model.path, dtype=study.model.dtype)
     train = role_sequences({"train": study.data.roles()["train"]}, tokenizer, study.seq_len, study.data.dir,
                            str(work / "dense-finetune" / "tokens"))["train"]
     tuner = SubspaceTuner(model, cfg, dense=True)
@@ -121,11 +131,11 @@ def main():
 
 def post_training(args, study: Study, held: HeldOut, dense: dict, columns: list[str], work: Path) -> list[list]:
     """Rows of the post-training table: the dense model with the same LoRA, then each seed's export post-trained."""
-    base = ratios(dense_finetuned(study, held, args.finetune, work), dense)
+    base = ratios(dense_finetuned(study, held, dense, args.finetune, work), dense)
     rows, per_seed = [["dense + LoRA", *(f"{base[c]:.3f}" for c in columns), ""]], []
     for seed in args.seeds:
         out, seconds = finetune_seed(args.study, args.set, seed, args.finetune, work)
-        r = ratios(held.export(f"seed{seed}-finetuned-{args.finetune}", out), dense)
+        r = ratios(held.export(f"seed{seed}-{out.name}", out), dense)
         per_seed.append(r)
         rows.append([f"seed {seed} + LoRA", *(f"{r[c]:.3f}" for c in columns), f"{seconds:.0f}"])
         print(f"seed {seed} + LoRA: " + ", ".join(f"{LABELS[c]} {r[c]:.3f}" for c in columns), flush=True)
