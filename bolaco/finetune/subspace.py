@@ -206,7 +206,7 @@ class SubspaceTuner:
                     batch = sequences[rows].to(device)
                     with autocast:
                         out = net(input_ids=batch, labels=batch if cfg.ce > 0 else None, use_cache=False)
-                        loss = cfg.ce * out.loss if cfg.ce > 0 else 0.0
+                        loss = cfg.ce * out.loss if cfg.ce > 0 else out.logits.new_zeros(())
                         if self.teacher is not None and cfg.distill > 0:
                             loss = loss + cfg.distill * self._kl_to_teacher(batch, out.logits)
                         loss = loss / cfg.grad_accum
