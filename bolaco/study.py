@@ -173,8 +173,15 @@ class FinetuneConfig(Section):
     """Steps between checkpoints (an interrupted run resumes from the last one)."""
     ce: float = Field(1.0, ge=0)
     """Weight of the next-token cross-entropy on the training text (0 with distill > 0: pure distillation)."""
-    distill: float = Field(0.0, ge=0)
+    distill: float = Field(0.0, ge=0, validate_default=True)   # checked against ce even when left out
     """Loss = ce x CE + distill x KL(dense || model) on the same tokens (0: off)."""
+
+    @field_validator("distill")
+    @classmethod
+    def _some_loss(cls, v: float, info) -> float:
+        if v == 0 and info.data.get("ce") == 0:
+            raise ValueError("finetune.ce is 0 too, so nothing would be trained: set one of them above 0")
+        return v
     lora_dense: bool = True
     """lora: also LoRA on every projection that is a plain matrix (kept dense or structurally reduced), merged in."""
     gradient_checkpointing: bool = False

@@ -82,6 +82,8 @@ def test_set_overrides_any_setting_and_is_checked_like_the_file(tmp_path, capsys
                          ("search.sampler=nope", "search.sampler: unknown sampler 'nope'; choose from random, "
                                                  "botorch, gp, tpe"),
                          ("budget.remove", "write section.key=value"),
+                         ("finetune.ce=0", "finetune.distill is 0.0: .*finetune.ce is 0 too, so nothing would be "
+                                           "trained: set one of them above 0"),
                          ("name.x=1", "'name' in study file .* is not a section")):
         assert main(["collect", "--study", path, "--set", bad]) == 2
         err = _one_line_error(capsys)

@@ -150,8 +150,6 @@ class SubspaceTuner:
             raise BolacoError("the dense baseline is LoRA on the dense projections: use variant lora")
         if cfg.distill > 0 and teacher is None:
             raise BolacoError("finetune.distill needs the dense model as teacher")
-        if cfg.ce == 0 and cfg.distill == 0:
-            raise BolacoError("finetune.ce and finetune.distill are both 0: set one of them above 0")
         self.model, self.cfg, self.teacher = model, cfg, teacher
         self.adapter = adapter_for(model)
         self.ids = list(self.adapter.linears) if dense else compressed_ids(self.adapter)
