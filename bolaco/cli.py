@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "device", "unset") is None:
             import torch
             args.device = "cuda" if torch.cuda.is_available() else None
-        with _configure_output(getattr(args, "verbose", False), getattr(args, "quiet", False)):
+        with _configure_output(getattr(args, "verbose", False), getattr(args, "quiet", False)), \
+                _ctrl_c_never_dropped():
             args.func(args)
     except BolacoError as exc:
         print(f"bolaco: error: {mask_secrets(str(exc))}", file=sys.stderr)
@@ -463,6 +464,31 @@ def _import_deferring_ctrl_c() -> bool:
     finally:
         signal.signal(signal.SIGINT, previous)
     return bool(pressed)
+
+
+@contextlib.contextmanager
+def _ctrl_c_never_dropped():
+    """Python cannot raise from some callbacks (an import lock's weakref callback, a __del__): a Ctrl-C landing in
+    one is printed as 'Exception ignored' and dropped, and a 500-trial search went on for minutes. Deliver it again
+    a moment later from another thread (raised at once, it would be dropped inside this hook too)."""
+    import _thread
+    import threading
+    previous, timers = sys.unraisablehook, []
+
+    def hook(unraisable):
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return previous(unraisable)
+        timer = threading.Timer(0.05, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        for timer in timers:
+            timer.cancel()
 
 
 def _after_ctrl_c(exc: BaseException | None, seen: frozenset = frozenset()) -> bool:

@@ -193,6 +193,28 @@ def test_ctrl_c_in_the_first_seconds_is_one_line(tmp_path):
         assert err.strip().splitlines()[-1].startswith("bolaco: interrupted"), (delay, err)
 
 
+def test_a_ctrl_c_python_had_to_drop_still_ends_the_command(monkeypatch, capsys):
+    """A Ctrl-C that lands in a callback Python cannot raise from (an import lock's weakref callback, here a __del__)
+    is printed as 'Exception ignored' and dropped; the command must still end with the one line, not work on."""
+    import bolaco.cli
+
+    class DiesOnCtrlC:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    def long_command(args):
+        import time
+        DiesOnCtrlC()
+        end = time.monotonic() + 30
+        while time.monotonic() < end:     # a long stage: Python checks for signals between its steps
+            pass
+        raise AssertionError("the dropped Ctrl-C was not delivered in 30 s")
+
+    monkeypatch.setattr(bolaco.cli, "cmd_families", long_command)
+    assert main(["families"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("bolaco: interrupted")
+
+
 def test_heat_maps_go_beside_the_study_store_not_into_the_working_directory(tmp_path, monkeypatch):
     ws, comp = tiny_workspace(tmp_path, sampler="random")
     readonly = tmp_path / "readonly"
