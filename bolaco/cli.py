@@ -468,9 +468,10 @@ def _import_deferring_ctrl_c() -> bool:
 
 @contextlib.contextmanager
 def _ctrl_c_never_dropped():
-    """Python cannot raise from some callbacks (an import lock's weakref callback, a __del__): a Ctrl-C landing in
-    one is printed as 'Exception ignored' and dropped, and a 500-trial search went on for minutes. Deliver it again
-    a moment later from another thread (raised at once, it would be dropped inside this hook too)."""
+    """Python cannot raise from some callbacks (weakref callbacks such as an import lock's or a WeakKeyDictionary's,
+    a __del__): a Ctrl-C landing in one is printed as 'Exception ignored' and dropped, and a 500-trial search went
+    on for minutes. Deliver it again a moment later from another thread (raised at once, it would be dropped inside
+    this hook too)."""
     import _thread
     import threading
     previous, timers = sys.unraisablehook, []
